@@ -1,0 +1,32 @@
+# Allegro Usage Sync — the README's commands.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench lint clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+## Start the whole stack on embedded defaults (Ctrl-C stops everything).
+run: $(STAMP)
+	$(PY) -m allegro.devstack
+
+## Run the whole test suite.
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## Benchmarks: JSON lines on stdout (needs PostgreSQL; see README).
+bench: $(STAMP)
+	$(PY) manage.py bench
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) db.sqlite3 var

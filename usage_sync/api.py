@@ -1,0 +1,98 @@
+"""REST API of the ingest side (SPEC §5)."""
+
+from drf_spectacular.utils import OpenApiExample, extend_schema, inline_serializer
+from rest_framework import serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from .ingest import MAX_EVENTS_PER_REQUEST, store_events, validate_events
+
+
+class UsageEventIngestApi(APIView):
+    """Ingest a JSON list of raw usage events: all stored, or none and the errors."""
+
+    class EventSerializer(serializers.Serializer):
+        # Documents the item shape for the schema; validation is ingest.validate_event.
+        event_id = serializers.CharField(max_length=100)
+        client_acct_id = serializers.CharField(max_length=50, required=False)
+        acct_no = serializers.IntegerField(required=False)
+        usage_type_code = serializers.CharField(max_length=30, required=False)
+        usage_type = serializers.IntegerField(required=False)
+        usage_units = serializers.DecimalField(max_digits=20, decimal_places=6)
+        usage_date = serializers.DateTimeField()
+        amount = serializers.DecimalField(max_digits=18, decimal_places=2, required=False)
+        rate = serializers.DecimalField(max_digits=18, decimal_places=5, required=False)
+        qualifier_1 = serializers.CharField(max_length=300, required=False)
+        qualifier_2 = serializers.CharField(max_length=300, required=False)
+        qualifier_3 = serializers.CharField(max_length=300, required=False)
+        qualifier_4 = serializers.CharField(max_length=300, required=False)
+        comments = serializers.CharField(required=False)
+
+    @extend_schema(
+        request=EventSerializer(many=True),
+        responses={
+            201: inline_serializer(
+                "IngestResult",
+                {
+                    "received": serializers.IntegerField(),
+                    "created": serializers.IntegerField(),
+                    "duplicates": serializers.IntegerField(),
+                },
+            ),
+            400: inline_serializer(
+                "IngestErrors",
+                {
+                    "detail": serializers.CharField(),
+                    "errors": inline_serializer(
+                        "IngestFieldError",
+                        {
+                            "index": serializers.IntegerField(),
+                            "field": serializers.CharField(),
+                            "message": serializers.CharField(),
+                        },
+                        many=True,
+                    ),
+                },
+            ),
+        },
+        examples=[
+            OpenApiExample(
+                "One event",
+                value=[
+                    {
+                        "event_id": "evt-0001",
+                        "client_acct_id": "ACME-001",
+                        "usage_type_code": "API_CALLS",
+                        "usage_units": "12",
+                        "usage_date": "2026-11-24T10:15:00Z",
+                    }
+                ],
+                request_only=True,
+            )
+        ],
+    )
+    def post(self, request):
+        payload = request.data
+        if not isinstance(payload, list):
+            return _bad_request("The body must be a JSON list of events.")
+        if len(payload) > MAX_EVENTS_PER_REQUEST:
+            return Response(
+                {
+                    "detail": f"At most {MAX_EVENTS_PER_REQUEST} events per request "
+                    f"(got {len(payload)}); split the list."
+                },
+                status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            )
+        events, errors = validate_events(payload)
+        if errors:
+            return _bad_request(
+                f"{len({e.index for e in errors})} of {len(payload)} events are invalid; "
+                "nothing was stored.",
+                errors=[e.as_dict() for e in errors[:1000]],
+            )
+        result = store_events(events)
+        return Response(result.as_dict(), status=status.HTTP_201_CREATED)
+
+
+def _bad_request(detail: str, errors: list | None = None) -> Response:
+    return Response({"detail": detail, "errors": errors or []}, status=status.HTTP_400_BAD_REQUEST)

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class UsageSyncConfig(AppConfig):
+    name = "usage_sync"
+    verbose_name = "Usage sync"

@@ -1,0 +1,273 @@
+"""Raw usage, its aggregation into records and batches, and the sync activity log."""
+
+from datetime import timedelta
+
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class RecordStatus(models.TextChoices):
+    """Sync status of an aggregated usage record (SPEC §2)."""
+
+    PENDING = "PENDING", "Pending"
+    COMPLETE = "COMPLETE", "Complete"
+    ERROR = "ERROR", "Error"
+    IGNORED = "IGNORED", "Ignored"
+    INCOMPLETE = "INCOMPLETE", "Incomplete"
+
+
+class BatchStatus(models.TextChoices):
+    """Sync status of an aggregated batch, derived from its records' statuses."""
+
+    PENDING = "PENDING", "Pending"
+    IN_PROCESS = "IN_PROCESS", "In process"
+    ERROR = "ERROR", "Error"
+    COMPLETE = "COMPLETE", "Complete"
+
+
+class AggregatedBatch(models.Model):
+    """Up to `batch_size` aggregated records of one window: one bulk_record_usage_m call."""
+
+    window_start = models.DateTimeField()
+    window_end = models.DateTimeField()
+    # 1, 2, … within a window: late events aggregate into later batches of the same window.
+    sequence = models.PositiveIntegerField()
+    status = models.CharField(
+        max_length=16, choices=BatchStatus.choices, default=BatchStatus.PENDING
+    )
+    # Maintained counters, so list pages never count records row by row.
+    total_count = models.PositiveIntegerField(default=0)
+    pending_count = models.PositiveIntegerField(default=0)
+    completed_count = models.PositiveIntegerField(default=0)
+    error_count = models.PositiveIntegerField(default=0)
+    ignored_count = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+    published_at = models.DateTimeField(null=True, blank=True)
+    sync_started_at = models.DateTimeField(null=True, blank=True)
+    synced_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-window_start", "-sequence"]
+        constraints = [
+            # Aggregation numbers late batches after the existing ones of their window.
+            models.UniqueConstraint(
+                fields=["window_start", "sequence"], name="batch_unique_window_sequence"
+            ),
+            models.CheckConstraint(
+                condition=Q(
+                    total_count=models.F("pending_count")
+                    + models.F("completed_count")
+                    + models.F("error_count")
+                    + models.F("ignored_count")
+                ),
+                name="batch_counts_add_up",
+                violation_error_message="Batch counts must add up to its total.",
+            ),
+        ]
+        indexes = [
+            # Incomplete-batch view: batches with PENDING or ERROR records, latest first.
+            models.Index(
+                fields=["-window_start"],
+                condition=Q(pending_count__gt=0) | Q(error_count__gt=0),
+                name="batch_incomplete_idx",
+            ),
+        ]
+
+    def __str__(self):
+        return f"Batch {self.pk} ({self.window_start:%Y-%m-%d %H:%M} #{self.sequence})"
+
+    @property
+    def is_incomplete(self) -> bool:
+        return self.pending_count > 0 or self.error_count > 0
+
+
+class UsageRecord(models.Model):
+    """An aggregated usage record: the sum of raw events sharing a window and grouping key."""
+
+    batch = models.ForeignKey(AggregatedBatch, on_delete=models.PROTECT, related_name="records")
+    # Deterministic and unique: the only way to map bulk_record_usage_m results back.
+    client_record_id = models.CharField(max_length=50, unique=True)
+    client_acct_id = models.CharField(max_length=50, blank=True, default="")
+    acct_no = models.BigIntegerField(null=True, blank=True)
+    usage_type_code = models.CharField(max_length=30, blank=True, default="")
+    usage_type = models.BigIntegerField(null=True, blank=True)
+    qualifier_1 = models.CharField(max_length=300, blank=True, default="")
+    qualifier_2 = models.CharField(max_length=300, blank=True, default="")
+    qualifier_3 = models.CharField(max_length=300, blank=True, default="")
+    qualifier_4 = models.CharField(max_length=300, blank=True, default="")
+    usage_units = models.DecimalField(max_digits=24, decimal_places=6)
+    amount = models.DecimalField(max_digits=20, decimal_places=2, null=True, blank=True)
+    rate = models.DecimalField(max_digits=18, decimal_places=5, null=True, blank=True)
+    usage_date = models.DateTimeField(help_text="Start of the aggregation window.")
+    event_count = models.PositiveIntegerField()
+    status = models.CharField(
+        max_length=16, choices=RecordStatus.choices, default=RecordStatus.PENDING
+    )
+    # Aria's own code and message; codes are opaque values (reference: error codes).
+    sync_error_code = models.CharField(max_length=20, blank=True, default="")
+    sync_error_message = models.TextField(blank=True, default="")
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            # Sync loads a batch's PENDING records; the error summary groups a batch's
+            # records by (status, error code); the records view filters on all three.
+            models.Index(fields=["batch", "status", "sync_error_code"], name="record_batch_status"),
+            # Account view and the records filter by account.
+            models.Index(fields=["client_acct_id", "status"], name="record_account_status"),
+        ]
+
+    def __str__(self):
+        return self.client_record_id
+
+
+class UsageEvent(models.Model):
+    """A raw usage event as ingested; `event_id` makes re-sends harmless."""
+
+    event_id = models.CharField(max_length=100, unique=True)
+    client_acct_id = models.CharField(max_length=50, blank=True, default="")
+    acct_no = models.BigIntegerField(null=True, blank=True)
+    usage_type_code = models.CharField(max_length=30, blank=True, default="")
+    usage_type = models.BigIntegerField(null=True, blank=True)
+    usage_units = models.DecimalField(max_digits=20, decimal_places=6)
+    usage_date = models.DateTimeField()
+    amount = models.DecimalField(max_digits=18, decimal_places=2, null=True, blank=True)
+    rate = models.DecimalField(max_digits=18, decimal_places=5, null=True, blank=True)
+    qualifier_1 = models.CharField(max_length=300, blank=True, default="")
+    qualifier_2 = models.CharField(max_length=300, blank=True, default="")
+    qualifier_3 = models.CharField(max_length=300, blank=True, default="")
+    qualifier_4 = models.CharField(max_length=300, blank=True, default="")
+    comments = models.TextField(blank=True, default="")
+    received_at = models.DateTimeField(default=timezone.now)
+    # Set once, by aggregation, in the same transaction that creates the record.
+    record = models.ForeignKey(
+        UsageRecord, null=True, blank=True, on_delete=models.PROTECT, related_name="events"
+    )
+
+    class Meta:
+        indexes = [
+            # Aggregation selects the not-yet-aggregated events of closed windows.
+            models.Index(
+                fields=["usage_date"],
+                condition=Q(record__isnull=True),
+                name="event_unaggregated_idx",
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=~Q(client_acct_id="") | Q(acct_no__isnull=False),
+                name="event_has_account",
+            ),
+            models.CheckConstraint(
+                condition=~Q(usage_type_code="") | Q(usage_type__isnull=False),
+                name="event_has_usage_type",
+            ),
+        ]
+
+    def __str__(self):
+        return self.event_id
+
+
+class AggregationConfig(models.Model):
+    """The one Aggregate usage configuration (pk=1), editable in the console and admin."""
+
+    class Frequency(models.IntegerChoices):
+        MIN_5 = 5, "Every 5 minutes"
+        MIN_15 = 15, "Every 15 minutes"
+        MIN_30 = 30, "Every 30 minutes"
+        HOURLY = 60, "Hourly"
+        DAILY = 1440, "Daily"
+
+    frequency_minutes = models.PositiveIntegerField(
+        choices=Frequency.choices, default=Frequency.HOURLY
+    )
+    # Account and usage type always group; each qualifier can be added to the key.
+    group_by_qualifier_1 = models.BooleanField(default=False)
+    group_by_qualifier_2 = models.BooleanField(default=False)
+    group_by_qualifier_3 = models.BooleanField(default=False)
+    group_by_qualifier_4 = models.BooleanField(default=False)
+    batch_size = models.PositiveIntegerField(
+        default=1000, validators=[MinValueValidator(1), MaxValueValidator(100_000)]
+    )
+    lateness_grace_minutes = models.PositiveIntegerField(
+        default=5,
+        validators=[MaxValueValidator(7 * 24 * 60)],
+        help_text="How long after a window ends to wait for stragglers before aggregating it.",
+    )
+    enabled = models.BooleanField(default=True)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name = "aggregate usage configuration"
+
+    def __str__(self):
+        return "Aggregate usage configuration"
+
+    @classmethod
+    def load(cls) -> "AggregationConfig":
+        """Return the configuration row, creating it with defaults on first use."""
+        config, _ = cls.objects.get_or_create(pk=1)
+        return config
+
+    @property
+    def frequency(self) -> timedelta:
+        return timedelta(minutes=self.frequency_minutes)
+
+    @property
+    def lateness_grace(self) -> timedelta:
+        return timedelta(minutes=self.lateness_grace_minutes)
+
+    @property
+    def grouped_qualifiers(self) -> list[int]:
+        return [n for n in range(1, 5) if getattr(self, f"group_by_qualifier_{n}")]
+
+    def is_due(self, now) -> bool:
+        """Tell whether the scheduler should aggregate now."""
+        if not self.enabled:
+            return False
+        return self.last_run_at is None or now - self.last_run_at >= self.frequency
+
+
+class SyncActivity(models.Model):
+    """One entry of the activity log: a sync call, an aggregation run, a reprocess."""
+
+    class Status(models.TextChoices):
+        STARTED = "STARTED", "Started"
+        COMPLETE = "COMPLETE", "Complete"
+        ERROR = "ERROR", "Error"
+        PARTIAL = "PARTIAL", "Partial"
+
+    action_name = models.CharField(max_length=50)
+    object_name = models.CharField(max_length=100)
+    status = models.CharField(max_length=16, choices=Status.choices)
+    batch = models.ForeignKey(
+        AggregatedBatch, null=True, blank=True, on_delete=models.SET_NULL, related_name="activity"
+    )
+    error_code = models.CharField(max_length=20, blank=True, default="")
+    error_message = models.TextField(blank=True, default="")
+    record_count = models.PositiveIntegerField(default=0)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    actor = models.CharField(max_length=150, blank=True, default="system")
+    # What was sent or done, with secrets removed (never the auth_key).
+    details = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name_plural = "sync activity"
+        indexes = [
+            # Activity log filtered by status and date, latest first.
+            models.Index(fields=["status", "-created_at"], name="activity_status_created"),
+            models.Index(fields=["-created_at"], name="activity_created"),
+        ]
+
+    def __str__(self):
+        return f"{self.action_name} {self.object_name} {self.status}"
