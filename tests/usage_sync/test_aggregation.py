@@ -1,0 +1,277 @@
+import threading
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from django.db import connection, connections
+from django.db.models import F, Sum
+
+from tests.factories import UsageEventFactory
+from usage_sync import aggregation
+from usage_sync.aggregation import aggregate_usage, window_boundary
+from usage_sync.models import (
+    AggregatedBatch,
+    AggregationConfig,
+    RecordStatus,
+    SyncActivity,
+    UsageEvent,
+    UsageRecord,
+)
+
+NOW = datetime(2026, 11, 21, 0, 10, tzinfo=UTC)
+DAY = datetime(2026, 11, 20, tzinfo=UTC)
+
+pytestmark = pytest.mark.django_db
+
+
+def at(hour: int, minute: int = 0) -> datetime:
+    return DAY + timedelta(hours=hour, minutes=minute)
+
+
+def configure(**fields) -> AggregationConfig:
+    config = AggregationConfig.load()
+    for name, value in fields.items():
+        setattr(config, name, value)
+    config.save()
+    return config
+
+
+def assert_invariants():
+    """Every event linked once; records sum their events; batch counters match records."""
+    assert not UsageEvent.objects.filter(record__isnull=True, usage_date__lt=at(23)).exists()
+    for record in UsageRecord.objects.all():
+        events = record.events.aggregate(units=Sum("usage_units"), amount=Sum("amount"))
+        assert record.usage_units == events["units"]
+        assert record.amount == events["amount"]
+        assert record.event_count == record.events.count()
+    for batch in AggregatedBatch.objects.all():
+        assert batch.total_count == batch.records.count()
+        assert batch.pending_count == batch.records.filter(status=RecordStatus.PENDING).count()
+
+
+def test_window_boundary_is_the_start_of_the_first_open_window():
+    hour = timedelta(hours=1)
+    assert window_boundary(now=at(10, 30), frequency=hour, grace=timedelta(0)) == at(10)
+    # 10:03 with 5 minutes of grace: the 09:00–10:00 window is not closed yet.
+    assert window_boundary(now=at(10, 3), frequency=hour, grace=timedelta(minutes=5)) == at(9)
+    quarter = timedelta(minutes=15)
+    assert window_boundary(now=at(10, 44), frequency=quarter, grace=timedelta(0)) == at(10, 30)
+
+
+def test_it_sums_events_by_window_account_and_usage_type():
+    configure(frequency_minutes=60)
+    for minute, units in ((0, "1.5"), (20, "2.25"), (59, "3")):
+        UsageEventFactory(client_acct_id="A", usage_date=at(9, minute), usage_units=units)
+    UsageEventFactory(client_acct_id="B", usage_date=at(9, 5), usage_units="7")
+    UsageEventFactory(client_acct_id="A", usage_date=at(10, 0), usage_units="11")
+
+    result = aggregate_usage(now=NOW)
+
+    assert (result.events, result.records) == (5, 3)
+    record = UsageRecord.objects.get(client_acct_id="A", usage_date=at(9))
+    assert record.usage_units == Decimal("6.75")
+    assert record.event_count == 3
+    assert record.status == RecordStatus.PENDING
+    assert record.batch.window_start == at(9)
+    assert record.batch.window_end == at(10)
+    assert_invariants()
+
+
+def test_only_closed_windows_are_aggregated_after_the_grace_period():
+    configure(frequency_minutes=60, lateness_grace_minutes=15)
+    UsageEventFactory(usage_date=at(22, 30))
+    UsageEventFactory(usage_date=at(23, 30))  # window ends 00:00, grace runs to 00:15
+
+    result = aggregate_usage(now=NOW)
+
+    assert result.events == 1
+    assert UsageEvent.objects.get(usage_date=at(23, 30)).record is None
+    assert aggregate_usage(now=NOW + timedelta(minutes=5)).events == 1
+
+
+def test_batches_hold_at_most_batch_size_records_of_one_window():
+    configure(frequency_minutes=60, batch_size=3)
+    for n in range(7):
+        UsageEventFactory(client_acct_id=f"ACCT-{n}", usage_date=at(9, 10))
+    UsageEventFactory(client_acct_id="ACCT-0", usage_date=at(10, 10))
+
+    result = aggregate_usage(now=NOW)
+
+    assert result.batches == 4
+    sizes = sorted(
+        AggregatedBatch.objects.filter(window_start=at(9)).values_list("sequence", "total_count")
+    )
+    assert sizes == [(1, 3), (2, 3), (3, 1)]
+    assert_invariants()
+
+
+def test_late_events_go_into_a_new_batch_of_their_window_and_are_counted_once():
+    configure(frequency_minutes=60)
+    UsageEventFactory(client_acct_id="A", usage_date=at(9, 10), usage_units="5")
+    aggregate_usage(now=NOW)
+
+    UsageEventFactory(client_acct_id="A", usage_date=at(9, 50), usage_units="2")
+    result = aggregate_usage(now=NOW + timedelta(hours=1))
+
+    assert (result.events, result.records, result.batches) == (1, 1, 1)
+    late = AggregatedBatch.objects.get(pk=result.batch_ids[0])
+    assert (late.window_start, late.sequence) == (at(9), 2)
+    assert sorted(UsageRecord.objects.values_list("usage_units", flat=True)) == [2, 5]
+    assert aggregate_usage(now=NOW + timedelta(hours=2)).events == 0
+    assert_invariants()
+
+
+def test_qualifiers_split_records_only_when_configured():
+    UsageEventFactory(client_acct_id="A", usage_date=at(9), qualifier_1="eu")
+    UsageEventFactory(client_acct_id="A", usage_date=at(9), qualifier_1="us")
+    UsageEventFactory(client_acct_id="B", usage_date=at(9), qualifier_1="eu")
+    UsageEventFactory(client_acct_id="B", usage_date=at(9), qualifier_1="us")
+    configure(frequency_minutes=60, group_by_qualifier_1=True)
+    UsageEvent.objects.filter(client_acct_id="B").update(usage_date=at(9, 30))
+
+    assert aggregate_usage(now=NOW).records == 4
+    assert set(UsageRecord.objects.values_list("qualifier_1", flat=True)) == {"eu", "us"}
+
+    configure(group_by_qualifier_1=False)
+    UsageEventFactory(client_acct_id="C", usage_date=at(9), qualifier_1="eu")
+    UsageEventFactory(client_acct_id="C", usage_date=at(9), qualifier_1="us")
+    aggregate_usage(now=NOW)
+    assert UsageRecord.objects.get(client_acct_id="C").qualifier_1 == ""
+    assert_invariants()
+
+
+def test_priced_and_rated_events_and_different_rates_never_share_a_record():
+    configure(frequency_minutes=60)
+    common = {"client_acct_id": "A", "usage_date": at(9)}
+    UsageEventFactory(**common, amount=Decimal("2.50"))
+    UsageEventFactory(**common, amount=Decimal("1.25"))
+    UsageEventFactory(**common)
+    UsageEventFactory(**common, rate=Decimal("0.10000"))
+    UsageEventFactory(**common, rate=Decimal("0.20000"))
+
+    assert aggregate_usage(now=NOW).records == 4
+    assert UsageRecord.objects.get(amount__isnull=False).amount == Decimal("3.75")
+    assert set(UsageRecord.objects.values_list("rate", flat=True)) == {
+        None,
+        Decimal("0.1"),
+        Decimal("0.2"),
+    }
+    assert_invariants()
+
+
+def test_account_numbers_and_usage_type_numbers_group_like_codes():
+    configure(frequency_minutes=60)
+    for _ in range(2):
+        UsageEventFactory(client_acct_id="", acct_no=42, usage_type_code="", usage_type=7,
+                          usage_date=at(9))
+    UsageEventFactory(client_acct_id="", acct_no=43, usage_type_code="", usage_type=7,
+                      usage_date=at(9))
+
+    assert aggregate_usage(now=NOW).records == 2
+    assert UsageRecord.objects.get(acct_no=42).event_count == 2
+    assert_invariants()
+
+
+def test_client_record_ids_are_unique_short_and_derived_from_batch_and_position():
+    configure(frequency_minutes=15, batch_size=2)
+    for n in range(9):
+        UsageEventFactory(client_acct_id=f"ACCT-{n}", usage_date=at(n % 3, 1))
+
+    aggregate_usage(now=NOW)
+
+    ids = list(UsageRecord.objects.values_list("client_record_id", "batch_id"))
+    assert len({cid for cid, _ in ids}) == 9
+    assert all(len(cid) <= 50 and cid.startswith(f"AU{batch}-") for cid, batch in ids)
+
+
+def test_a_run_is_logged_in_the_activity_log_and_an_empty_run_is_not():
+    UsageEventFactory(usage_date=at(9))
+
+    aggregate_usage(now=NOW, actor="tester")
+    aggregate_usage(now=NOW, actor="tester")
+
+    entry = SyncActivity.objects.get()
+    assert (entry.action_name, entry.status, entry.record_count, entry.actor) == (
+        "AGGREGATE", "COMPLETE", 1, "tester"
+    )
+    assert entry.details["events"] == 1
+
+
+def test_batch_counts_add_up_by_database_constraint():
+    UsageEventFactory(usage_date=at(9))
+    aggregate_usage(now=NOW)
+
+    from django.db import IntegrityError, transaction
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        AggregatedBatch.objects.update(pending_count=F("pending_count") + 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_concurrent_runs_never_double_count(postgres_only):
+    configure(frequency_minutes=15, batch_size=50)
+    UsageEvent.objects.bulk_create(
+        UsageEvent(
+            event_id=f"c-{n}",
+            client_acct_id=f"ACCT-{n % 40}",
+            usage_type_code=f"T{n % 3}",
+            usage_units=Decimal(n % 13) / 4,
+            usage_date=at(n % 20, n % 60),
+        )
+        for n in range(6000)
+    )
+    barrier = threading.Barrier(4)
+    results, errors = [], []
+
+    def run():
+        try:
+            barrier.wait()
+            results.append(aggregate_usage(now=NOW))
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert errors == []
+    assert sorted(r.events for r in results) == [0, 0, 0, 6000]
+    totals = UsageRecord.objects.aggregate(units=Sum("usage_units"), events=Sum("event_count"))
+    assert totals["events"] == 6000
+    assert totals["units"] == UsageEvent.objects.aggregate(s=Sum("usage_units"))["s"]
+    assert_invariants()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_event_arriving_mid_run_waits_for_the_next_run(postgres_only, monkeypatch):
+    configure(frequency_minutes=60)
+    UsageEventFactory(client_acct_id="A", usage_date=at(9), usage_units="5")
+    original = aggregation._Sql.link_events
+    inserted = []
+
+    def link_events_after_a_concurrent_insert(self):
+        # Another connection commits an event of the same group between staging and linking.
+        if not inserted:
+            thread = threading.Thread(target=insert_straggler)
+            thread.start()
+            thread.join()
+        return original(self)
+
+    def insert_straggler():
+        UsageEventFactory(client_acct_id="A", usage_date=at(9, 30), usage_units="2")
+        inserted.append(True)
+        connections.close_all()
+
+    monkeypatch.setattr(aggregation._Sql, "link_events", link_events_after_a_concurrent_insert)
+
+    result = aggregate_usage(now=NOW)
+
+    # The first attempt saw 1 event staged but 2 linkable, rolled back, and retried.
+    assert (result.events, result.records) == (2, 1)
+    assert UsageRecord.objects.get().usage_units == Decimal("7")
+    assert_invariants()
+    assert connection.vendor == "postgresql"
