@@ -123,6 +123,11 @@ ARIA_API_URL = env.str("ARIA_API_URL", default="http://127.0.0.1:8765/v1/core")
 ARIA_CLIENT_NO = env.int("ARIA_CLIENT_NO", default=1000)
 ARIA_AUTH_KEY = env.str("ARIA_AUTH_KEY", default="simulator-auth-key")
 ARIA_TIMEOUT_SECONDS = env.float("ARIA_TIMEOUT_SECONDS", default=120.0)
+# A batch claimed longer ago than this is taken to be abandoned (its worker died).
+SYNC_CLAIM_STALE_SECONDS = env.float(
+    "SYNC_CLAIM_STALE_SECONDS", default=ARIA_TIMEOUT_SECONDS + 60
+)
+SYNC_RETRY_BASE_SECONDS = env.float("SYNC_RETRY_BASE_SECONDS", default=5.0)
 
 LOGGING = {
     "version": 1,

@@ -218,6 +218,7 @@ class _Sql:
                    '', '', 0, %(now)s, %(now)s
             FROM {_STAGE} s
             JOIN {self.batch} b ON b.window_start = s.window_start AND b.sequence = s.sequence
+            ORDER BY b.id, s.position
         """
 
     def link_events(self) -> str:

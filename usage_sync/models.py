@@ -46,6 +46,9 @@ class AggregatedBatch(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(default=timezone.now)
     published_at = models.DateTimeField(null=True, blank=True)
+    # Transport failures so far, and when the sweep may send the batch out again.
+    sync_attempts = models.PositiveIntegerField(default=0, db_default=0)
+    next_retry_at = models.DateTimeField(null=True, blank=True)
     sync_started_at = models.DateTimeField(null=True, blank=True)
     synced_at = models.DateTimeField(null=True, blank=True)
 
@@ -110,6 +113,9 @@ class UsageRecord(models.Model):
     sync_error_code = models.CharField(max_length=20, blank=True, default="")
     sync_error_message = models.TextField(blank=True, default="")
     attempts = models.PositiveIntegerField(default=0)
+    # Set, and committed, just before the record goes out; cleared when the outcome is
+    # stored. PENDING with sent_at set means "in doubt": reconcile before re-sending.
+    sent_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True, blank=True)

@@ -1,0 +1,173 @@
+"""The core Aria client: `bulk_record_usage_m` and `get_usage_history_m` over HTTP.
+
+Facts about the API are in shared/reference/aria-usage-api.md: POST with a JSON body whose
+`rest_call` names the method; API errors come back as HTTP 200 with a non-zero
+`error_code`; any other HTTP status is a transport failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+import requests
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+HISTORY_PAGE_SIZE = 1000
+
+
+class AriaTransportError(Exception):
+    """The call's outcome is unknown (connection error, timeout, HTTP ≠ 200, bad body).
+
+    The records may have been stored by core Aria: reconcile before sending them again.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordError:
+    client_record_id: str
+    code: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BulkResult:
+    error_code: str
+    error_msg: str
+    record_errors: tuple[RecordError, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code == "0"
+
+
+@dataclasses.dataclass(frozen=True)
+class CallReport:
+    """What a call sent and how long it took, for the activity log (never the auth_key)."""
+
+    rest_call: str
+    client_receipt_id: str
+    record_count: int
+    duration_ms: int
+
+
+class AriaClient:
+    """A `requests.Session` bound to one core Aria endpoint and client's credentials."""
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        client_no: int | None = None,
+        auth_key: str | None = None,
+        timeout: float | None = None,
+        session: requests.Session | None = None,
+    ):
+        self.url = url or settings.ARIA_API_URL
+        self.client_no = client_no if client_no is not None else settings.ARIA_CLIENT_NO
+        self._auth_key = auth_key if auth_key is not None else settings.ARIA_AUTH_KEY
+        self.timeout = timeout if timeout is not None else settings.ARIA_TIMEOUT_SECONDS
+        self.session = session or requests.Session()
+        self.last_call: CallReport | None = None
+
+    def __repr__(self):  # keeps the auth_key out of logs and tracebacks
+        return f"AriaClient(url={self.url!r}, client_no={self.client_no})"
+
+    # API: bulk_record_usage_m (Aria Knowledge Central, "bulk_record_usage_m").
+    def bulk_record_usage(self, *, usage_recs: Sequence[dict], client_receipt_id: str) -> BulkResult:
+        """Send records in one synchronous call; return Aria's per-record outcome."""
+        body = self._call(
+            "bulk_record_usage_m",
+            {"client_receipt_id": client_receipt_id, "usage_recs": list(usage_recs)},
+            client_receipt_id=client_receipt_id,
+            record_count=len(usage_recs),
+        )
+        record_errors = []
+        for item in body.get("error_records") or []:
+            if not isinstance(item, dict):
+                logger.error("ignoring malformed error_records item %r", item)
+                continue
+            record_errors.append(
+                RecordError(
+                    client_record_id=str(item.get("out_client_record_id") or ""),
+                    code=str(item.get("record_error_code", "")),
+                    message=str(item.get("record_error_msg") or ""),
+                )
+            )
+        return BulkResult(
+            error_code=str(body.get("error_code")),
+            error_msg=str(body.get("error_msg") or ""),
+            record_errors=tuple(record_errors),
+        )
+
+    # API: get_usage_history_m, filtered by account and date range, paged by limit/offset.
+    def stored_client_record_ids(
+        self, *, accounts: Iterable[tuple[str, int | None]], date_range: tuple[str, str]
+    ) -> set[str]:
+        """Return the client_record_ids core Aria holds for these accounts in the range."""
+        found: set[str] = set()
+        start, end = date_range
+        for client_acct_id, acct_no in accounts:
+            account = {"acct_no": acct_no} if acct_no is not None else {}
+            if client_acct_id:
+                account = {"client_acct_id": client_acct_id}
+            offset = 0
+            while True:
+                body = self._call(
+                    "get_usage_history_m",
+                    {
+                        **account,
+                        "date_range_start": start,
+                        "date_range_end": end,
+                        "limit": HISTORY_PAGE_SIZE,
+                        "offset": offset,
+                    },
+                    client_receipt_id="",
+                    record_count=0,
+                )
+                if str(body.get("error_code")) != "0":
+                    # Not a transport failure, but the records stay in doubt all the same.
+                    raise AriaTransportError(
+                        f"get_usage_history_m answered {body.get('error_code')}: "
+                        f"{body.get('error_msg')}"
+                    )
+                rows = body.get("usage_history_recs") or []
+                found.update(str(r["client_record_id"]) for r in rows if r.get("client_record_id"))
+                if len(rows) < HISTORY_PAGE_SIZE:
+                    break
+                offset += HISTORY_PAGE_SIZE
+        return found
+
+    def _call(self, rest_call: str, params: dict, *, client_receipt_id: str, record_count: int):
+        payload = {
+            "rest_call": rest_call,
+            "output_format": "json",
+            "client_no": self.client_no,
+            "auth_key": self._auth_key,
+            **params,
+        }
+        started = time.monotonic()
+        try:
+            response = self.session.post(self.url, json=payload, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise AriaTransportError(f"{rest_call}: {type(exc).__name__}: {exc}") from None
+        finally:
+            self.last_call = CallReport(
+                rest_call=rest_call,
+                client_receipt_id=client_receipt_id,
+                record_count=record_count,
+                duration_ms=int((time.monotonic() - started) * 1000),
+            )
+        if response.status_code != 200:
+            raise AriaTransportError(f"{rest_call}: HTTP {response.status_code}")
+        try:
+            body = response.json()
+        except ValueError:
+            raise AriaTransportError(f"{rest_call}: the answer is not JSON") from None
+        if not isinstance(body, dict) or "error_code" not in body:
+            raise AriaTransportError(f"{rest_call}: the answer has no error_code")
+        return body
