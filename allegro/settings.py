@@ -114,11 +114,21 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_BEAT_SCHEDULE = {
     "aggregate-usage": {"task": "usage_sync.tasks.aggregate_usage_if_due", "schedule": 60.0},
+    # The sweep publishes what was never published, was lost, or is due for a retry.
+    "publish-due-batches": {"task": "usage_sync.tasks.publish_due_batches", "schedule": 15.0},
+    # Keeps one consumer running per worker; a duplicate exits at once (Redis lock).
+    "consume-batches": {
+        "task": "usage_sync.tasks.consume_aggregated_batches",
+        "schedule": 20.0,
+        "options": {"expires": 20.0},
+    },
 }
 
 # Kafka transport and core Aria (used by the sync service).
 KAFKA_BOOTSTRAP_SERVERS = env.str("KAFKA_BOOTSTRAP_SERVERS", default="127.0.0.1:9092")
 KAFKA_AGGREGATED_TOPIC = env.str("KAFKA_AGGREGATED_TOPIC", default="allegro.aggregated-usage")
+KAFKA_AGGREGATED_TOPIC_PARTITIONS = env.int("KAFKA_AGGREGATED_TOPIC_PARTITIONS", default=6)
+KAFKA_CONSUMER_GROUP = env.str("KAFKA_CONSUMER_GROUP", default="allegro-usage-sync")
 ARIA_API_URL = env.str("ARIA_API_URL", default="http://127.0.0.1:8765/v1/core")
 ARIA_CLIENT_NO = env.int("ARIA_CLIENT_NO", default=1000)
 ARIA_AUTH_KEY = env.str("ARIA_AUTH_KEY", default="simulator-auth-key")
@@ -128,6 +138,10 @@ SYNC_CLAIM_STALE_SECONDS = env.float(
     "SYNC_CLAIM_STALE_SECONDS", default=ARIA_TIMEOUT_SECONDS + 60
 )
 SYNC_RETRY_BASE_SECONDS = env.float("SYNC_RETRY_BASE_SECONDS", default=5.0)
+# A published batch still PENDING after this long is published again (lost message).
+SYNC_REPUBLISH_AFTER_SECONDS = env.float("SYNC_REPUBLISH_AFTER_SECONDS", default=600.0)
+# How long one consumer task runs before it hands over to the next beat-started one.
+SYNC_CONSUMER_LIFETIME_SECONDS = env.float("SYNC_CONSUMER_LIFETIME_SECONDS", default=300.0)
 
 LOGGING = {
     "version": 1,

@@ -2,9 +2,13 @@
 
 import logging
 
+import redis
 from celery import shared_task
+from celery.signals import worker_ready, worker_shutting_down
+from django.conf import settings
 from django.utils import timezone
 
+from . import consumer, publishing
 from .aggregation import aggregate_usage
 from .models import AggregationConfig
 
@@ -16,4 +20,62 @@ def aggregate_usage_if_due() -> None:
     """Run aggregation when the configured frequency says a run is due (beat ticks often)."""
     now = timezone.now()
     if AggregationConfig.load().is_due(now):
-        aggregate_usage(now=now)
+        result = aggregate_usage(now=now)
+        # aggregate_usage has committed: publish now; the sweep covers a failure here.
+        publish_batch_ids(result.batch_ids)
+
+
+def publish_batch_ids(batch_ids: list[int]) -> None:
+    try:
+        publishing.publish_batches(batch_ids)
+    except Exception:
+        logger.exception("publishing %d batches failed; the sweep will retry", len(batch_ids))
+
+
+@shared_task(ignore_result=True)
+def publish_due_batches() -> None:
+    """Publish batches never published, lost in transit, or due for a transport retry."""
+    published = publishing.publish_due_batches()
+    if published:
+        logger.info("sweep published %d batches", len(published))
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL)
+
+
+def _stop_key(hostname: str) -> str:
+    return f"allegro:sync-consumer:stop:{hostname}"
+
+
+@worker_ready.connect
+def _clear_stop_flag(sender=None, **kwargs):
+    _redis().delete(_stop_key(sender.hostname))
+
+
+@worker_shutting_down.connect
+def _raise_stop_flag(sender=None, **kwargs):
+    # The consumer runs in a pool child; the flag tells it to close and let go.
+    _redis().set(_stop_key(str(sender)), 1, ex=600)
+
+
+@shared_task(bind=True, ignore_result=True)
+def consume_aggregated_batches(self) -> None:
+    """Consume batch ids and sync them; one consumer per worker, restarted by beat."""
+    hostname = self.request.hostname or "local"
+    lifetime = settings.SYNC_CONSUMER_LIFETIME_SECONDS
+    client = _redis()
+    lock = client.lock(f"allegro:sync-consumer:{hostname}", timeout=lifetime + 60,
+                       blocking=False)
+    if not lock.acquire():
+        return  # this worker already has its consumer
+    stop_key = _stop_key(hostname)
+    try:
+        handled = consumer.consume_batches(
+            should_stop=lambda: client.exists(stop_key) > 0,
+            max_seconds=lifetime,
+            instance_id=f"{hostname}-sync",
+        )
+        logger.info("consumer on %s handled %d batch ids", hostname, handled)
+    finally:
+        lock.release()
