@@ -1,0 +1,336 @@
+import gzip
+import io
+import json
+import sys
+import tracemalloc
+from decimal import Decimal
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connection
+
+from usage_sync import usage_files
+from usage_sync.models import UsageEvent
+
+pytestmark = pytest.mark.django_db
+
+
+def event(n: int, **fields) -> dict:
+    return {
+        "event_id": f"evt-{n:06d}",
+        "client_acct_id": "ACME-001",
+        "usage_type_code": "API_CALLS",
+        "usage_units": "12.5",
+        "usage_date": "2026-11-24T10:15:00Z",
+    } | fields
+
+
+def write_jsonl(path, events) -> None:
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def run(path, **options) -> str:
+    out = io.StringIO()
+    call_command("ingest_usage", str(path), stdout=out, stderr=io.StringIO(), **options)
+    return out.getvalue()
+
+
+def import_error(path, **options) -> str:
+    with pytest.raises(CommandError) as raised:
+        run(path, **options)
+    return str(raised.value)
+
+
+def test_it_imports_a_jsonl_file(tmp_path):
+    path = tmp_path / "usage.jsonl"
+    write_jsonl(path, [event(1), event(2, acct_no=42, client_acct_id=None, amount=3.25)])
+
+    output = run(path)
+
+    assert "2 events, 2 created, 0 duplicates, 0 errors" in output
+    assert "events/s" in output
+    stored = UsageEvent.objects.get(event_id="evt-000002")
+    assert stored.acct_no == 42
+    assert stored.client_acct_id == ""
+    assert stored.amount == Decimal("3.25")
+    assert stored.usage_units == Decimal("12.5")
+
+
+def test_it_imports_a_csv_file_reading_empty_cells_as_absent(tmp_path):
+    path = tmp_path / "usage.csv"
+    path.write_text(
+        "event_id,client_acct_id,acct_no,usage_type,usage_units,usage_date,amount,comments\n"
+        "evt-1,ACME-001,,7,10,2026-11-24T10:15:00,,\n"
+        'evt-2,,1001,7,0.5,2026-11-24T11:00:00+01:00,4.10,"spans\ntwo lines, with a comma"\n'
+    )
+
+    output = run(path)
+
+    assert "2 events, 2 created" in output
+    first, second = UsageEvent.objects.order_by("event_id")
+    assert (first.client_acct_id, first.acct_no, first.amount) == ("ACME-001", None, None)
+    assert (second.acct_no, second.usage_type, second.amount) == (1001, 7, Decimal("4.10"))
+    assert second.comments == "spans\ntwo lines, with a comma"
+    assert second.usage_date.isoformat() == "2026-11-24T10:00:00+00:00"
+
+
+def test_reimporting_counts_duplicates_and_stores_nothing_twice(tmp_path):
+    path = tmp_path / "usage.jsonl"
+    write_jsonl(path, [event(n) for n in range(7)])
+    run(path, chunk_size=3)
+
+    output = run(path, chunk_size=3)
+
+    assert "7 events, 0 created, 7 duplicates" in output
+    assert UsageEvent.objects.count() == 7
+
+
+def test_a_rerun_after_a_crash_stores_only_the_missing_chunks(tmp_path, monkeypatch):
+    path = tmp_path / "usage.jsonl"
+    write_jsonl(path, [event(n) for n in range(5)])
+    real_store = usage_files.store_events
+    calls = []
+
+    def crash_on_second_chunk(events):
+        calls.append(len(events))
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_store(events)
+
+    monkeypatch.setattr(usage_files, "store_events", crash_on_second_chunk)
+    with pytest.raises(RuntimeError):
+        run(path, chunk_size=2)
+    assert UsageEvent.objects.count() == 2
+    monkeypatch.setattr(usage_files, "store_events", real_store)
+
+    output = run(path, chunk_size=2)
+
+    assert "5 events, 3 created, 2 duplicates" in output
+    assert UsageEvent.objects.count() == 5
+
+
+def test_it_stores_each_chunk_with_its_own_store_call(tmp_path, monkeypatch):
+    path = tmp_path / "usage.jsonl"
+    write_jsonl(path, [event(n) for n in range(5)])
+    sizes = []
+    real_store = usage_files.store_events
+    monkeypatch.setattr(
+        usage_files, "store_events", lambda events: sizes.append(len(events)) or real_store(events)
+    )
+
+    run(path, chunk_size=2)
+
+    assert sizes == [2, 2, 1]
+
+
+def test_one_bad_line_stores_nothing_and_names_the_line_and_field(tmp_path):
+    path = tmp_path / "usage.jsonl"
+    write_jsonl(
+        path,
+        [
+            event(1),
+            event(2),
+            event(3, usage_units="-4"),
+            event(4),
+            event(5, usage_date="24/11/2026"),
+        ],
+    )
+
+    # Chunks of one: storing as it validates would have stored lines 1 and 2.
+    message = import_error(path, chunk_size=1)
+
+    assert "nothing was stored" in message
+    assert "line 3, usage_units: Must not be negative." in message
+    assert "line 5, usage_date: '24/11/2026' is not an ISO 8601 date-time." in message
+    assert "2 of 5 events invalid" in message
+    assert not UsageEvent.objects.exists()
+
+
+def test_a_csv_row_error_names_the_line_it_starts_on(tmp_path):
+    path = tmp_path / "usage.csv"
+    path.write_text(
+        "event_id,client_acct_id,usage_type_code,usage_units,usage_date,comments\n"
+        'evt-1,ACME,CALLS,-1,2026-11-24T10:00:00Z,"one\ntwo\nthree"\n'
+        "\n"
+        "evt-2,ACME,,1,2026-11-24T10:00:00Z,\n"
+        "evt-3,ACME,CALLS,1\n"
+    )
+
+    message = import_error(path)
+
+    assert "line 2, usage_units: Must not be negative." in message
+    assert "line 6, usage_type_code: One of usage_type_code or usage_type is required." in message
+    assert "line 7, line: Has 4 cells; the header has 6 columns." in message
+    assert not UsageEvent.objects.exists()
+
+
+def test_it_reads_a_csv_saved_by_excel_with_a_bom_and_crlf(tmp_path):
+    path = tmp_path / "usage.csv"
+    path.write_bytes(
+        b"\xef\xbb\xbfevent_id,client_acct_id,usage_type_code,usage_units,usage_date\r\n"
+        b"evt-1,ACME,CALLS,1,2026-11-24T10:00:00Z\r\n"
+    )
+
+    assert "1 created" in run(path)
+
+
+def test_an_overlong_line_is_an_error_and_the_lines_after_it_are_still_checked(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(usage_files, "MAX_LINE_BYTES", 300)
+    path = tmp_path / "usage.jsonl"
+    write_jsonl(path, [event(1), event(2, comments="x" * 1000), event(3, usage_units="")])
+
+    message = import_error(path)
+
+    assert "line 2, line: Longer than 300 bytes." in message
+    assert "line 3, usage_units: This field is required." in message
+
+
+def test_an_unknown_csv_column_is_named(tmp_path):
+    path = tmp_path / "usage.csv"
+    path.write_text(
+        "event_id,client_acct_id,usage_type_code,usage_units,usage_date,colour\n"
+        "evt-1,ACME,CALLS,1,2026-11-24T10:00:00Z,\n"
+    )
+
+    message = import_error(path)
+
+    assert "line 1, colour: Unknown column." in message
+    assert not UsageEvent.objects.exists()
+
+
+def test_an_invalid_json_line_is_named_by_its_line_number(tmp_path):
+    path = tmp_path / "usage.ndjson"
+    path.write_text(
+        json.dumps(event(1))
+        + "\n\n"
+        + '{"event_id": "evt-2",\n'
+        + "[1, 2]\n"
+        + json.dumps(event(5))
+    )
+
+    message = import_error(path)
+
+    assert "line 3, line: Not valid JSON" in message
+    assert "line 4, non_field_errors: Each event must be a JSON object." in message
+    assert "2 of 4 events invalid" in message
+    assert not UsageEvent.objects.exists()
+
+
+def test_it_prints_only_the_first_errors_and_says_how_many_more(tmp_path):
+    path = tmp_path / "usage.jsonl"
+    write_jsonl(path, [event(n, usage_units="x") for n in range(1, 11)])
+
+    message = import_error(path, max_errors=3)
+
+    assert message.count("usage_units: 'x' is not a number.") == 3
+    assert "line 4," not in message
+    assert "… and 7 more errors." in message
+
+
+def test_it_imports_gzip_files(tmp_path):
+    path = tmp_path / "usage.csv.gz"
+    with gzip.open(path, "wt") as file:
+        file.write("event_id,acct_no,usage_type,usage_units,usage_date\n")
+        file.writelines(f"evt-{n},1001,7,{n},2026-11-24T10:00:00Z\n" for n in range(50))
+
+    output = run(path)
+
+    assert "50 events, 50 created" in output
+    assert UsageEvent.objects.count() == 50
+
+
+def test_a_truncated_gzip_file_is_an_error(tmp_path):
+    path = tmp_path / "usage.jsonl.gz"
+    data = gzip.compress("".join(json.dumps(event(n)) + "\n" for n in range(500)).encode())
+    path.write_bytes(data[: len(data) // 2])
+
+    message = import_error(path)
+
+    assert "file: Cannot read the file" in message
+    assert not UsageEvent.objects.exists()
+
+
+def test_it_reads_standard_input_with_an_explicit_format(monkeypatch):
+    data = "".join(json.dumps(event(n)) + "\n" for n in range(3)).encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+    output = run("-", format="jsonl")
+
+    assert "3 events, 3 created" in output
+
+
+def test_the_format_option_wins_over_the_extension(tmp_path):
+    path = tmp_path / "export.txt"
+    write_jsonl(path, [event(1)])
+
+    assert "Cannot tell the format" in import_error(path)
+    assert "1 created" in run(path, format="jsonl")
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path):
+    message = import_error(tmp_path / "nowhere.csv")
+
+    assert message == f"{tmp_path / 'nowhere.csv'}: no such file."
+
+
+def test_check_only_validates(tmp_path):
+    path = tmp_path / "usage.jsonl"
+    write_jsonl(path, [event(1)])
+
+    output = run(path, check=True)
+
+    assert "all valid" in output
+    assert not UsageEvent.objects.exists()
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_it_shows_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "usage.jsonl"
+    write_jsonl(path, [event(n) for n in range(10)])
+    run(path)
+    assert "Checking" not in capsys.readouterr().err
+
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    run(path)
+
+    assert "Checking: 100%" in terminal.getvalue()
+    assert "Storing: 100%" in terminal.getvalue()
+
+
+def test_memory_stays_bounded_on_a_large_file(tmp_path):
+    # ~30 MB of events whose comments are nearly 4 KB each: a reader that held the file,
+    # or a list of all its events, would need well over the bound.
+    path = tmp_path / "large.jsonl"
+    comment = "x" * 3900
+    with path.open("w") as file:
+        for n in range(7500):
+            file.write(json.dumps(event(n, comments=comment)) + "\n")
+    assert path.stat().st_size > 29_000_000
+
+    tracemalloc.start()
+    try:
+        output = run(path, chunk_size=250)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert "7,500 events, 7,500 created" in output
+    assert peak < 8_000_000, f"peak traced memory {peak:,} bytes"
+
+
+def test_the_debug_query_log_does_not_grow_with_the_file(tmp_path, settings):
+    # With DEBUG on, Django logs every statement; each of ours holds a whole chunk.
+    settings.DEBUG = True
+    path = tmp_path / "usage.jsonl"
+    write_jsonl(path, [event(n) for n in range(20)])
+
+    run(path, chunk_size=2)
+
+    assert len(connection.queries) < 5

@@ -1,0 +1,125 @@
+import shutil
+import sys
+import tempfile
+from contextlib import ExitStack, contextmanager
+
+from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
+
+from usage_sync.usage_files import (
+    FORMATS,
+    UsageFile,
+    UsageFileError,
+    check_usage_file,
+    format_from_name,
+    import_usage_file,
+)
+
+
+class Command(BaseCommand):
+    help = (
+        "Import usage events from a CSV or JSON Lines file (plain or gzip). The whole file "
+        "is validated first, as the API validates; if any line is invalid nothing is stored."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("file", help="Path of the file, or - to read standard input.")
+        parser.add_argument(
+            "--format",
+            choices=FORMATS,
+            help="Default: from the extension (.csv, .jsonl or .ndjson, then optionally .gz).",
+        )
+        parser.add_argument(
+            "--chunk-size",
+            type=int,
+            default=5000,
+            help="Events stored per transaction (default 5000).",
+        )
+        parser.add_argument(
+            "--max-errors",
+            type=int,
+            default=20,
+            help="How many errors to print when the file is invalid (default 20).",
+        )
+        parser.add_argument(
+            "--check", action="store_true", help="Only validate the file; store nothing."
+        )
+
+    def handle(
+        self, *args, file, format=None, chunk_size=5000, max_errors=20, check=False, **options
+    ):
+        if chunk_size < 1:
+            raise CommandError("--chunk-size must be at least 1.")
+        if max_errors < 0:
+            raise CommandError("--max-errors must not be negative.")
+        format = format or (None if file == "-" else format_from_name(file))
+        if format is None:
+            raise CommandError(
+                f"Cannot tell the format of {file!r} from its name; pass --format csv or jsonl."
+            )
+        with ExitStack() as stack:
+            usage_file = UsageFile(self._open(file, stack), format=format)
+            with self._progress("Checking", usage_file.size) as progress:
+                result = check_usage_file(usage_file, max_errors=max_errors, progress=progress)
+            if not result.is_valid:
+                raise CommandError(self._describe_errors(file, result))
+            self.stdout.write(
+                f"Checked {result.lines:,} lines ({result.events:,} events) in "
+                f"{result.seconds:.1f} s: all valid."
+            )
+            if check:
+                self.stdout.write("Nothing stored (--check).")
+                return
+            with self._progress("Storing", usage_file.size) as progress:
+                try:
+                    stored = import_usage_file(usage_file, chunk_size=chunk_size, progress=progress)
+                except UsageFileError as exc:
+                    raise CommandError(str(exc)) from exc
+        seconds = result.seconds + stored.seconds
+        self.stdout.write(
+            f"Read {stored.lines:,} lines: {stored.events:,} events, {stored.created:,} created, "
+            f"{stored.duplicates:,} duplicates, 0 errors in {seconds:.1f} s "
+            f"({stored.events / max(seconds, 1e-9):,.0f} events/s)."
+        )
+
+    def _open(self, file: str, stack: ExitStack):
+        if file == "-":
+            # Standard input can be read only once and the import reads twice: spool it to
+            # a temporary file (on disk, so memory stays flat).
+            spool = stack.enter_context(tempfile.TemporaryFile())
+            shutil.copyfileobj(sys.stdin.buffer, spool, 1024 * 1024)
+            return spool
+        try:
+            return stack.enter_context(open(file, "rb"))
+        except FileNotFoundError:
+            raise CommandError(f"{file}: no such file.") from None
+        except OSError as exc:
+            raise CommandError(f"Cannot open {file}: {exc.strerror or exc}.") from exc
+
+    @contextmanager
+    def _progress(self, label: str, total: int):
+        """Yield a callback that advances a progress bar over bytes, if stderr is a terminal."""
+        if not sys.stderr.isatty():
+            yield None
+            return
+        with tqdm(
+            total=total,
+            desc=label,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+        ) as bar:
+            yield bar.update
+
+    @staticmethod
+    def _describe_errors(file: str, result) -> str:
+        errors = f"{result.error_count:,} error{'' if result.error_count == 1 else 's'}"
+        lines = [
+            f"{file}: {errors}, {result.invalid_events:,} of {result.events:,} events invalid; "
+            "nothing was stored."
+        ]
+        lines += [f"  line {e.index}, {e.field}: {e.message}" for e in result.errors]
+        if result.error_count > len(result.errors):
+            lines.append(f"  … and {result.error_count - len(result.errors):,} more errors.")
+        return "\n".join(lines)
