@@ -1,0 +1,124 @@
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connection
+
+from usage_sync import benchmarks
+
+
+class Command(BaseCommand):
+    help = (
+        "Benchmark ingest over HTTP and aggregation in a dedicated PostgreSQL database "
+        "(created and dropped here; your own database is never touched). "
+        "Prints one JSON object per line on stdout; notes go to stderr."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--only", choices=["ingest", "aggregation"])
+        parser.add_argument(
+            "--events",
+            type=int,
+            help=f"events per benchmark, to scale down a quick run (default "
+            f"{benchmarks.INGEST_EVENTS:,} for ingest, {benchmarks.AGGREGATION_EVENTS:,} "
+            "for aggregation)",
+        )
+        parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
+        parser.add_argument(
+            "--clients", type=int, nargs="+", default=[1, 2],
+            help="concurrent ingest clients; one run per value (default: 1 2)",
+        )
+        parser.add_argument(
+            "--database-name",
+            default=benchmarks.DEFAULT_DATABASE_NAME,
+            help=f"the database to create and drop (default {benchmarks.DEFAULT_DATABASE_NAME})",
+        )
+        # Internal: the child process run with DATABASE_URL set to the bench database.
+        parser.add_argument("--inside", help=argparse.SUPPRESS)
+
+    def handle(self, *args, inside=None, database_name, **options):
+        if options["events"] is not None and options["events"] < 1:
+            raise CommandError("--events must be at least 1")
+        if options["workers"] < 1 or min(options["clients"]) < 1:
+            raise CommandError("--workers and --clients must be at least 1")
+        # SIGTERM unwinds like Ctrl-C, so gunicorn is stopped and the database dropped.
+        signal.signal(signal.SIGTERM, _raise_system_exit)
+        if inside:
+            self._run_benchmarks(database_name=inside, **options)
+        else:
+            self._run_in_bench_database(database_name=database_name, **options)
+
+    def _run_in_bench_database(self, *, database_name, **options):
+        server = benchmarks.server_settings(settings.DATABASES["default"])
+        forwarded = ["--workers", str(options["workers"]), "--clients"]
+        forwarded += [str(clients) for clients in options["clients"]]
+        if options["only"]:
+            forwarded += ["--only", options["only"]]
+        if options["events"]:
+            forwarded += ["--events", str(options["events"])]
+        try:
+            with benchmarks.bench_database(name=database_name, server=server) as url:
+                command = [
+                    sys.executable, str(settings.BASE_DIR / "manage.py"), "bench",
+                    "--inside", database_name, *forwarded,
+                ]
+                status = _run_child(command, env_database_url=url)
+        except benchmarks.BenchmarkError as exc:
+            raise CommandError(str(exc)) from exc
+        if status:
+            raise CommandError(f"the benchmarks failed (exit status {status}); see above")
+
+    def _run_benchmarks(self, *, database_name, only, events, workers, clients, **options):
+        if connection.vendor != "postgresql" or connection.settings_dict["NAME"] != database_name:
+            raise CommandError(
+                f"--inside {database_name}: DATABASE_URL does not point at that database"
+            )
+        call_command("migrate", verbosity=0, interactive=False)
+        machine = benchmarks.machine_facts()
+        try:
+            if only in (None, "ingest"):
+                for result in benchmarks.bench_ingest_api(
+                    database_url=os.environ["DATABASE_URL"],
+                    events=events or benchmarks.INGEST_EVENTS,
+                    workers=workers,
+                    client_counts=tuple(clients),
+                ):
+                    self._emit({**result, "machine": machine})
+            if only in (None, "aggregation"):
+                result = benchmarks.bench_aggregation(
+                    events=events or benchmarks.AGGREGATION_EVENTS
+                )
+                self._emit({**result, "machine": machine})
+        except benchmarks.BenchmarkError as exc:
+            raise CommandError(str(exc)) from exc
+
+    def _emit(self, result: dict) -> None:
+        self.stdout.write(json.dumps(result))
+        self.stdout.flush()
+
+
+def _raise_system_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _run_child(command: list[str], *, env_database_url: str) -> int:
+    """Run the benchmarks in a child process; if interrupted, let it stop gunicorn first."""
+    child = subprocess.Popen(
+        command, cwd=settings.BASE_DIR, env={**os.environ, "DATABASE_URL": env_database_url}
+    )
+    try:
+        return child.wait()
+    except BaseException:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
