@@ -115,12 +115,15 @@ CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_BEAT_SCHEDULE = {
     "aggregate-usage": {"task": "usage_sync.tasks.aggregate_usage_if_due", "schedule": 60.0},
     # The sweep publishes what was never published, was lost, or is due for a retry.
-    "publish-due-batches": {"task": "usage_sync.tasks.publish_due_batches", "schedule": 15.0},
+    "publish-due-batches": {
+        "task": "usage_sync.tasks.publish_due_batches",
+        "schedule": env.float("SYNC_SWEEP_INTERVAL_SECONDS", default=15.0),
+    },
     # Keeps one consumer running per worker; a duplicate exits at once (Redis lock).
     "consume-batches": {
         "task": "usage_sync.tasks.consume_aggregated_batches",
-        "schedule": 20.0,
-        "options": {"expires": 20.0},
+        "schedule": env.float("SYNC_CONSUMER_RESTART_SECONDS", default=20.0),
+        "options": {"expires": env.float("SYNC_CONSUMER_RESTART_SECONDS", default=20.0)},
     },
 }
 
@@ -129,6 +132,8 @@ KAFKA_BOOTSTRAP_SERVERS = env.str("KAFKA_BOOTSTRAP_SERVERS", default="127.0.0.1:
 KAFKA_AGGREGATED_TOPIC = env.str("KAFKA_AGGREGATED_TOPIC", default="allegro.aggregated-usage")
 KAFKA_AGGREGATED_TOPIC_PARTITIONS = env.int("KAFKA_AGGREGATED_TOPIC_PARTITIONS", default=6)
 KAFKA_CONSUMER_GROUP = env.str("KAFKA_CONSUMER_GROUP", default="allegro-usage-sync")
+# How soon the group notices a consumer that died (Kafka's minimum is usually 6 s).
+KAFKA_SESSION_TIMEOUT_MS = env.int("KAFKA_SESSION_TIMEOUT_MS", default=45_000)
 ARIA_API_URL = env.str("ARIA_API_URL", default="http://127.0.0.1:8765/v1/core")
 ARIA_CLIENT_NO = env.int("ARIA_CLIENT_NO", default=1000)
 ARIA_AUTH_KEY = env.str("ARIA_AUTH_KEY", default="simulator-auth-key")

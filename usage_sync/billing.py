@@ -18,6 +18,7 @@ from django.conf import settings
 logger = logging.getLogger(__name__)
 
 HISTORY_PAGE_SIZE = 1000
+ACCOUNT_NOT_FOUND = "1009"
 
 
 class AriaTransportError(Exception):
@@ -112,9 +113,10 @@ class AriaClient:
         found: set[str] = set()
         start, end = date_range
         for client_acct_id, acct_no in accounts:
-            account = {"acct_no": acct_no} if acct_no is not None else {}
             if client_acct_id:
                 account = {"client_acct_id": client_acct_id}
+            else:
+                account = {"acct_no": acct_no}
             offset = 0
             while True:
                 body = self._call(
@@ -129,7 +131,10 @@ class AriaClient:
                     client_receipt_id="",
                     record_count=0,
                 )
-                if str(body.get("error_code")) != "0":
+                code = str(body.get("error_code"))
+                if code == ACCOUNT_NOT_FOUND:
+                    break  # an account Aria does not know holds no usage
+                if code != "0":
                     # Not a transport failure, but the records stay in doubt all the same.
                     raise AriaTransportError(
                         f"get_usage_history_m answered {body.get('error_code')}: "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import socket
 import time
 from collections.abc import Callable
 
@@ -38,32 +37,29 @@ class BatchMessage:
             return None
 
 
-def consumer_config(*, instance_id: str | None = None) -> dict:
-    config = {
+def consumer_config() -> dict:
+    # Dynamic group membership on purpose: a dead member's partitions move to the others
+    # after the session timeout. (Static membership kept them from a restarted worker
+    # on the tansu broker.)
+    return {
         "bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS,
         "group.id": settings.KAFKA_CONSUMER_GROUP,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         # A sync call may take minutes (Aria's own advice on timeouts).
         "max.poll.interval.ms": int(max(settings.ARIA_TIMEOUT_SECONDS * 3, 300) * 1000),
-        "session.timeout.ms": 45_000,
+        "session.timeout.ms": settings.KAFKA_SESSION_TIMEOUT_MS,
     }
-    if instance_id:
-        # Static membership: a consumer that restarts within the session keeps its
-        # partitions without a group-wide rebalance.
-        config["group.instance.id"] = instance_id
-    return config
 
 
 def consume_batches(
     *,
     should_stop: Callable[[], bool],
     max_seconds: float | None = None,
-    instance_id: str | None = None,
     client: AriaClient | None = None,
 ) -> int:
     """Sync every batch id read from the topic until told to stop; return how many."""
-    consumer = Consumer(consumer_config(instance_id=instance_id))
+    consumer = Consumer(consumer_config())
     consumer.subscribe([settings.KAFKA_AGGREGATED_TOPIC])
     client = client or AriaClient()
     deadline = time.monotonic() + max_seconds if max_seconds else None
@@ -91,7 +87,3 @@ def consume_batches(
     finally:
         consumer.close()
     return handled
-
-
-def default_instance_id() -> str:
-    return f"{socket.gethostname()}-sync"

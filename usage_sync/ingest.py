@@ -8,6 +8,7 @@ hot path (tens of thousands of events a second); the rules are those of SPEC §5
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -69,6 +70,10 @@ class ValidEvent:
     qualifier_3: str
     qualifier_4: str
     comments: str
+
+
+# attrgetter, not dataclasses.astuple: astuple deep-copies every value (a third of the cost).
+_row = operator.attrgetter(*COLUMNS)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -266,7 +271,7 @@ def _store_postgresql(events: list[ValidEvent]) -> int:
         f"SELECT *, now() FROM unnest({arrays}) "
         "ON CONFLICT (event_id) DO NOTHING"
     )
-    params = [list(column) for column in zip(*(dataclasses.astuple(e) for e in events))]
+    params = [list(column) for column in zip(*map(_row, events))]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.rowcount
@@ -288,7 +293,7 @@ def _store_generic(events: list[ValidEvent]) -> int:
         return value
 
     now = adapt(timezone.now())
-    rows = [(*map(adapt, dataclasses.astuple(e)), now) for e in events]
+    rows = [(*map(adapt, _row(e)), now) for e in events]
     with connection.cursor() as cursor:
         cursor.executemany(sql, rows)
         return cursor.rowcount

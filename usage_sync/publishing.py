@@ -63,6 +63,13 @@ def publish_batches(batch_ids: Iterable[int], *, timeout: float = 10.0) -> list[
             logger.warning("batch %s not published: %s", message.key(), error)
 
     topic = settings.KAFKA_AGGREGATED_TOPIC
+    try:
+        # A fresh (or restarted in-memory) broker may not have the topic yet.
+        ensure_topic(timeout=timeout)
+    except KafkaException as exc:
+        logger.warning("broker unavailable (%s): %d batch ids wait for the sweep", exc,
+                       len(batch_ids))
+        return []
     producer = Producer(producer_config(timeout))
     for batch_id in batch_ids:
         key = str(batch_id).encode()

@@ -74,7 +74,6 @@ def consume_aggregated_batches(self) -> None:
         handled = consumer.consume_batches(
             should_stop=lambda: client.exists(stop_key) > 0,
             max_seconds=lifetime,
-            instance_id=f"{hostname}-sync",
         )
         logger.info("consumer on %s handled %d batch ids", hostname, handled)
     finally:

