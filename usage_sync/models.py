@@ -90,9 +90,12 @@ class AggregatedBatch(models.Model):
 class UsageRecord(models.Model):
     """An aggregated usage record: the sum of raw events sharing a window and grouping key."""
 
-    batch = models.ForeignKey(AggregatedBatch, on_delete=models.PROTECT, related_name="records")
+    # Indexed by record_batch_status, which starts with batch_id.
+    batch = models.ForeignKey(
+        AggregatedBatch, on_delete=models.PROTECT, related_name="records", db_index=False
+    )
     # Deterministic and unique: the only way to map bulk_record_usage_m results back.
-    client_record_id = models.CharField(max_length=50, unique=True)
+    client_record_id = models.CharField(max_length=50)
     client_acct_id = models.CharField(max_length=50, blank=True, default="")
     acct_no = models.BigIntegerField(null=True, blank=True)
     usage_type_code = models.CharField(max_length=30, blank=True, default="")
@@ -122,6 +125,10 @@ class UsageRecord(models.Model):
 
     class Meta:
         ordering = ["id"]
+        constraints = [
+            # A constraint, not unique=True: no extra LIKE index to maintain on every insert.
+            models.UniqueConstraint(fields=["client_record_id"], name="record_unique_client_id"),
+        ]
         indexes = [
             # Sync loads a batch's PENDING records; the error summary groups a batch's
             # records by (status, error code); the records view filters on all three.
@@ -137,7 +144,7 @@ class UsageRecord(models.Model):
 class UsageEvent(models.Model):
     """A raw usage event as ingested; `event_id` makes re-sends harmless."""
 
-    event_id = models.CharField(max_length=100, unique=True)
+    event_id = models.CharField(max_length=100)
     client_acct_id = models.CharField(max_length=50, blank=True, default="")
     acct_no = models.BigIntegerField(null=True, blank=True)
     usage_type_code = models.CharField(max_length=30, blank=True, default="")
@@ -167,6 +174,8 @@ class UsageEvent(models.Model):
             ),
         ]
         constraints = [
+            # Ingest's ON CONFLICT (event_id) guard; a constraint, so no extra LIKE index.
+            models.UniqueConstraint(fields=["event_id"], name="event_unique_event_id"),
             models.CheckConstraint(
                 condition=~Q(client_acct_id="") | Q(acct_no__isnull=False),
                 name="event_has_account",
