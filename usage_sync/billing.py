@@ -79,7 +79,9 @@ class AriaClient:
         return f"AriaClient(url={self.url!r}, client_no={self.client_no})"
 
     # API: bulk_record_usage_m (Aria Knowledge Central, "bulk_record_usage_m").
-    def bulk_record_usage(self, *, usage_recs: Sequence[dict], client_receipt_id: str) -> BulkResult:
+    def bulk_record_usage(
+        self, *, usage_recs: Sequence[dict], client_receipt_id: str
+    ) -> BulkResult:
         """Send records in one synchronous call; return Aria's per-record outcome."""
         body = self._call(
             "bulk_record_usage_m",

@@ -271,7 +271,7 @@ def _store_postgresql(events: list[ValidEvent]) -> int:
         f"SELECT *, now() FROM unnest({arrays}) "
         "ON CONFLICT (event_id) DO NOTHING"
     )
-    params = [list(column) for column in zip(*map(_row, events))]
+    params = [list(column) for column in zip(*map(_row, events), strict=True)]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.rowcount

@@ -114,7 +114,8 @@ def _reconcile_in_doubt(batch_id: int, client: AriaClient) -> int:
     if found:
         logger.warning(
             "batch %s: %d records in doubt were already in core Aria; marked COMPLETE",
-            batch_id, found,
+            batch_id,
+            found,
         )
     return found
 
@@ -169,9 +170,12 @@ def _store_outcome(batch_id, records, result: BulkResult, *, sent_at: datetime, 
     if unknown:
         logger.error(
             "batch %s: core Aria reported errors for client_record_ids not in the call: %s",
-            batch_id, unknown[:20],
+            batch_id,
+            unknown[:20],
         )
-    mine = UsageRecord.objects.filter(batch_id=batch_id, status=RecordStatus.PENDING, sent_at=sent_at)
+    mine = UsageRecord.objects.filter(
+        batch_id=batch_id, status=RecordStatus.PENDING, sent_at=sent_at
+    )
     errored = 0
     for (code, message), ids in by_error.items():
         errored += mine.filter(id__in=ids).update(
@@ -219,8 +223,12 @@ def _store_outcome(batch_id, records, result: BulkResult, *, sent_at: datetime, 
     )
     logger.info(
         "batch %s synced: %d sent, %d complete, %d error (receipt %s, %s ms)",
-        batch_id, len(records), completed, errored,
-        call.client_receipt_id if call else "", call.duration_ms if call else "?",
+        batch_id,
+        len(records),
+        completed,
+        errored,
+        call.client_receipt_id if call else "",
+        call.duration_ms if call else "?",
     )
     return completed, errored, unknown
 
@@ -255,7 +263,10 @@ def _release_for_retry(batch_id: int, reason: str, client: AriaClient) -> None:
         )
     logger.warning(
         "batch %s: transport failure (%s); retry %d after %s",
-        batch_id, reason, attempt, retry_delay(attempt),
+        batch_id,
+        reason,
+        attempt,
+        retry_delay(attempt),
     )
 
 

@@ -45,7 +45,9 @@ def test_one_bad_item_rejects_the_whole_request_and_names_index_and_field(api_cl
 
     assert response.status_code == 400
     body = response.json()
-    assert {"index": 3, "field": "usage_units", "message": "Must not be negative."} in body["errors"]
+    assert {"index": 3, "field": "usage_units", "message": "Must not be negative."} in body[
+        "errors"
+    ]
     assert {(e["index"], e["field"]) for e in body["errors"]} == {
         (3, "usage_units"),
         (4, "usage_date"),

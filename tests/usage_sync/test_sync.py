@@ -81,7 +81,11 @@ def test_it_sends_every_pending_record_and_marks_them_complete(client, batch):
         "usage_date": "2026-11-20 09:00:00",
     }
     batch.refresh_from_db()
-    assert (batch.status, batch.completed_count, batch.pending_count) == (BatchStatus.COMPLETE, 3, 0)
+    assert (batch.status, batch.completed_count, batch.pending_count) == (
+        BatchStatus.COMPLETE,
+        3,
+        0,
+    )
     assert not UsageRecord.objects.exclude(status=RecordStatus.COMPLETE).exists()
 
 
@@ -109,7 +113,9 @@ def test_error_records_map_back_by_client_record_id_and_the_rest_complete(client
     assert (result.completed, result.errors) == (2, 1)
     failing.refresh_from_db()
     assert (failing.status, failing.sync_error_code, failing.sync_error_message) == (
-        RecordStatus.ERROR, "1009", "Account not found: ClientId ACME-1"
+        RecordStatus.ERROR,
+        "1009",
+        "Account not found: ClientId ACME-1",
     )
     batch.refresh_from_db()
     assert (batch.status, batch.error_count, batch.completed_count) == (BatchStatus.ERROR, 1, 2)
@@ -128,15 +134,20 @@ def test_a_top_level_error_without_error_records_fails_every_record(client, batc
 
 
 @responses.activate
-def test_error_records_naming_unknown_ids_are_logged_and_mark_nothing_wrongly(client, batch, caplog):
+def test_error_records_naming_unknown_ids_are_logged_and_mark_nothing_wrongly(
+    client, batch, caplog
+):
     responses.post(
         URL,
         json={
             "error_code": 1001,
             "error_msg": "unexpected error",
             "error_records": [
-                {"out_client_record_id": "NOT-OURS", "record_error_code": 1001,
-                 "record_error_msg": "?"}
+                {
+                    "out_client_record_id": "NOT-OURS",
+                    "record_error_code": 1001,
+                    "record_error_msg": "?",
+                }
             ],
         },
     )
@@ -145,7 +156,9 @@ def test_error_records_naming_unknown_ids_are_logged_and_mark_nothing_wrongly(cl
 
     assert result.completed == 3
     assert "NOT-OURS" in caplog.text
-    assert SyncActivity.objects.get(action_name="BULK_RECORD_USAGE").details["unknown_error_records"] == ["NOT-OURS"]
+    assert SyncActivity.objects.get(action_name="BULK_RECORD_USAGE").details[
+        "unknown_error_records"
+    ] == ["NOT-OURS"]
 
 
 @responses.activate
@@ -229,14 +242,20 @@ def test_records_in_doubt_that_aria_holds_become_complete_and_only_the_rest_are_
         responses.POST,
         URL,
         json=ok(usage_history_recs=[{"client_record_id": stored_one.client_record_id}]),
-        match=[responses.matchers.json_params_matcher(
-            {"rest_call": "get_usage_history_m"}, strict_match=False)],
+        match=[
+            responses.matchers.json_params_matcher(
+                {"rest_call": "get_usage_history_m"}, strict_match=False
+            )
+        ],
     )
     responses.post(
         URL,
         json=ok(),
-        match=[responses.matchers.json_params_matcher(
-            {"rest_call": "bulk_record_usage_m"}, strict_match=False)],
+        match=[
+            responses.matchers.json_params_matcher(
+                {"rest_call": "bulk_record_usage_m"}, strict_match=False
+            )
+        ],
     )
 
     result = sync_batch(batch_id=batch.id, client=client)
@@ -246,7 +265,8 @@ def test_records_in_doubt_that_aria_holds_become_complete_and_only_the_rest_are_
     assert stored_one.client_record_id not in {r["client_record_id"] for r in resent["usage_recs"]}
     assert UsageRecord.objects.filter(status=RecordStatus.COMPLETE).count() == 3
     history_call = next(
-        json.loads(c.request.body) for c in responses.calls
+        json.loads(c.request.body)
+        for c in responses.calls
         if json.loads(c.request.body)["rest_call"] == "get_usage_history_m"
     )
     assert history_call["date_range_start"] == "2026-11-20 09:00:00"

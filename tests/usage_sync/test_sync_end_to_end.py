@@ -95,8 +95,9 @@ class Pipeline:
         return aggregate_usage(now=NOW).batch_ids
 
     def start_worker(self, name: str) -> Worker:
-        worker = Worker(f"{name}-{len(self.workers)}", env=self.env,
-                        log=self.tmp_path / f"worker-{name}.log").start()
+        worker = Worker(
+            f"{name}-{len(self.workers)}", env=self.env, log=self.tmp_path / f"worker-{name}.log"
+        ).start()
         self.workers.append(worker)
         return worker
 
@@ -125,8 +126,7 @@ class Pipeline:
             assert record.status in (RecordStatus.COMPLETE, RecordStatus.ERROR)
             if record.status == RecordStatus.ERROR:
                 assert record.sync_error_code and record.sync_error_message
-        units = {r["client_record_id"]: Decimal(str(r["units"]))
-                 for r in self.simulator.records()}
+        units = {r["client_record_id"]: Decimal(str(r["units"])) for r in self.simulator.records()}
         assert all(units[cid] == records[cid].usage_units for cid in complete)
         for batch in AggregatedBatch.objects.all():
             counts = dict(batch.records.values_list("status").annotate(n=Count("id")))
@@ -203,7 +203,9 @@ def test_two_workers_share_the_partitions_and_bill_once(pipeline):
     pipeline.wait_until_settled(timeout=120)
 
     pipeline.assert_billed_exactly_once()
-    receipts = [c for c in pipeline.simulator.calls() if c.get("rest_call") == "bulk_record_usage_m"]
+    receipts = [
+        c for c in pipeline.simulator.calls() if c.get("rest_call") == "bulk_record_usage_m"
+    ]
     assert len(receipts) >= len(batch_ids)
 
 
@@ -233,7 +235,8 @@ def test_aria_storing_then_answering_after_the_timeout_bills_once(pipeline):
     publish_batches(batch_ids)
     wait_for(
         lambda: SyncActivity.objects.filter(error_code="TRANSPORT").exists(),
-        timeout=60, what="a call to time out",
+        timeout=60,
+        what="a call to time out",
     )
     pipeline.simulator.configure(late_answer_seconds=0)
 
