@@ -6,6 +6,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.factories import UserFactory
+from tests.services import Broker
 
 
 @pytest.fixture
@@ -26,3 +27,22 @@ def api_client(user):
 def postgres_only():
     if connection.vendor != "postgresql":
         pytest.skip("needs PostgreSQL (set DATABASE_URL)")
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A fresh in-memory Kafka-protocol broker (tansu) on a free port."""
+    broker = Broker(log=tmp_path / "tansu.log").start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def kafka(broker, settings):
+    """Point the app at the test broker, with a topic of its own."""
+    import uuid
+
+    settings.KAFKA_BOOTSTRAP_SERVERS = broker.bootstrap
+    settings.KAFKA_AGGREGATED_TOPIC = f"aggregated-{uuid.uuid4().hex[:8]}"
+    settings.KAFKA_AGGREGATED_TOPIC_PARTITIONS = 3
+    return broker

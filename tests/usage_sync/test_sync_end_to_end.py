@@ -141,13 +141,6 @@ class Pipeline:
 
 
 @pytest.fixture
-def broker(tmp_path):
-    broker = Broker(log=tmp_path / "tansu.log").start()
-    yield broker
-    broker.stop()
-
-
-@pytest.fixture
 def simulator(tmp_path):
     simulator = Simulator(
         "--client-no", str(CLIENT_NO), "--auth-key", AUTH_KEY, log=tmp_path / "simulator.log"

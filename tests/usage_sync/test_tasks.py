@@ -18,7 +18,7 @@ def test_beat_schedules_the_aggregation_check():
     assert entry["schedule"] <= 5 * 60
 
 
-def test_the_task_aggregates_when_a_run_is_due():
+def test_the_task_aggregates_when_a_run_is_due(kafka):
     UsageEventFactory(usage_date=timezone.now() - timedelta(days=1))
 
     tasks.aggregate_usage_if_due()

@@ -1,0 +1,77 @@
+"""The consumer commits an offset only after the batch's outcome is in the database."""
+
+from datetime import UTC, datetime
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from django.conf import settings
+
+from tests.factories import UsageEventFactory
+from usage_sync import consumer
+from usage_sync.aggregation import aggregate_usage
+from usage_sync.publishing import publish_batches
+from usage_sync.sync import Outcome, SyncResult
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def published(kafka, settings):
+    settings.KAFKA_CONSUMER_GROUP = f"group-{settings.KAFKA_AGGREGATED_TOPIC}"
+    settings.KAFKA_SESSION_TIMEOUT_MS = 6000
+    for hour in range(3):
+        UsageEventFactory(usage_date=datetime(2026, 11, 20, hour, tzinfo=UTC))
+    batch_ids = aggregate_usage(now=datetime(2026, 11, 21, tzinfo=UTC)).batch_ids
+    assert publish_batches(batch_ids) == batch_ids
+    return batch_ids
+
+
+def consume(until_handled: int, handle) -> list[int]:
+    seen = []
+
+    def fake_sync_batch(*, batch_id, client):
+        seen.append(batch_id)
+        return handle(batch_id)
+
+    original = consumer.sync_batch
+    consumer.sync_batch = fake_sync_batch
+    try:
+        consumer.consume_batches(
+            should_stop=lambda: len(seen) >= until_handled, max_seconds=60, client=object()
+        )
+    finally:
+        consumer.sync_batch = original
+    return seen
+
+
+def committed_messages() -> int:
+    """Sum the group's committed offsets over the topic's partitions."""
+    reader = Consumer(
+        {
+            "bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS,
+            "group.id": settings.KAFKA_CONSUMER_GROUP,
+        }
+    )
+    topic = settings.KAFKA_AGGREGATED_TOPIC
+    partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+    offsets = reader.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+    reader.close()
+    return sum(max(tp.offset, 0) for tp in offsets)
+
+
+def test_each_batch_id_is_handled_and_its_offset_committed(published):
+    assert sorted(consume(3, lambda b: SyncResult(Outcome.SYNCED, b))) == published
+    assert committed_messages() == 3
+
+
+def test_a_failure_before_the_database_commit_leaves_the_offset_for_redelivery(published):
+    def crash(batch_id):
+        raise RuntimeError("worker died before the outcome was stored")
+
+    with pytest.raises(RuntimeError):
+        consume(1, crash)
+
+    assert committed_messages() == 0
+    redelivered = consume(3, lambda b: SyncResult(Outcome.SYNCED, b))
+    assert sorted(redelivered) == published
+    assert committed_messages() == 3
