@@ -1,0 +1,106 @@
+"""Reprocess runs: who queued which records again, and how far they got."""
+
+from django.db import models
+from django.db.models import Count
+from django.utils import timezone
+
+from usage_sync.models import AggregatedBatch, RecordStatus, UsageRecord
+
+
+class ReprocessLevel(models.TextChoices):
+    """The three reprocess buttons of the console (seed: "Supported levels")."""
+
+    ALL = "ALL", "All"
+    BATCH = "BATCH", "Batch"
+    ERROR_SUMMARY = "ERROR_SUMMARY", "Error summary"
+
+
+class ReprocessRun(models.Model):
+    """One reprocess request: its scope, who asked and why, and what it queued."""
+
+    level = models.CharField(max_length=16, choices=ReprocessLevel.choices)
+    # Scope: the batch (BATCH, ERROR_SUMMARY) and the summary group (ERROR_SUMMARY).
+    batch = models.ForeignKey(
+        AggregatedBatch,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="reprocess_runs",
+    )
+    error_code = models.CharField(max_length=20, blank=True, default="")
+    status = models.CharField(max_length=16, choices=RecordStatus.choices, blank=True, default="")
+    actor = models.CharField(max_length=150)
+    reason = models.TextField(blank=True, default="")
+    records_selected = models.PositiveIntegerField(default=0)
+    batches_selected = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    # Set the first time progress is read with nothing of the run left PENDING.
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        permissions = [("reprocess_usage", "Can reprocess aggregated usage records")]
+
+    def __str__(self):
+        return f"Reprocess {self.pk}: {self.object_name}"
+
+    @property
+    def object_name(self) -> str:
+        """Name the scope as the activity log shows it: "All", "Batch 12 · 1009 · ERROR"."""
+        if self.level == ReprocessLevel.ALL:
+            return "All"
+        parts = [f"Batch {self.batch_id}"]
+        if self.level == ReprocessLevel.ERROR_SUMMARY:
+            parts += [p for p in (self.error_code, self.status) if p]
+        return " · ".join(parts)
+
+    def progress(self) -> dict[str, int]:
+        """Count the run's records by their current status (one GROUP BY)."""
+        counts = dict(
+            UsageRecord.objects.filter(reprocess_links__run=self)
+            .order_by()
+            .values_list("status")
+            .annotate(n=Count("id"))
+            .values_list("status", "n")
+        )
+        return {
+            "completed": counts.get(RecordStatus.COMPLETE, 0),
+            "errored": counts.get(RecordStatus.ERROR, 0) + counts.get(RecordStatus.INCOMPLETE, 0),
+            "pending": counts.get(RecordStatus.PENDING, 0),
+            "ignored": counts.get(RecordStatus.IGNORED, 0),
+        }
+
+    def mark_finished(self, progress: dict[str, int]) -> None:
+        """Stamp finished_at once nothing of the run is PENDING (compare-and-set)."""
+        if progress["pending"] or self.finished_at:
+            return
+        now = timezone.now()
+        if ReprocessRun.objects.filter(pk=self.pk, finished_at__isnull=True).update(
+            finished_at=now
+        ):
+            self.finished_at = now
+        else:
+            self.refresh_from_db(fields=["finished_at"])
+
+
+class ReprocessRunRecord(models.Model):
+    """A record a run queued again, with the outcome it had before (kept for the record)."""
+
+    run = models.ForeignKey(ReprocessRun, on_delete=models.CASCADE, related_name="links")
+    # Indexed by reprocess_link_record: "is this PENDING record already queued by a run?"
+    record = models.ForeignKey(
+        UsageRecord, on_delete=models.CASCADE, related_name="reprocess_links", db_index=False
+    )
+    previous_status = models.CharField(max_length=16, choices=RecordStatus.choices)
+    previous_error_code = models.CharField(max_length=20, blank=True, default="")
+    previous_error_message = models.TextField(blank=True, default="")
+
+    class Meta:
+        constraints = [
+            # Progress joins a run's links; the constraint's index starts with run_id.
+            models.UniqueConstraint(fields=["run", "record"], name="reprocess_link_unique"),
+        ]
+        indexes = [models.Index(fields=["record"], name="reprocess_link_record")]
+
+    def __str__(self):
+        return f"run {self.run_id} · record {self.record_id}"
