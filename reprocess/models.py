@@ -54,6 +54,10 @@ class ReprocessRun(models.Model):
             parts += [p for p in (self.error_code, self.status) if p]
         return " · ".join(parts)
 
+    @property
+    def is_finished(self) -> bool:
+        return self.finished_at is not None
+
     def progress(self) -> dict[str, int]:
         """Count the run's records by their current status (one GROUP BY)."""
         counts = dict(

@@ -1,0 +1,100 @@
+"""FilterSets shared by the console views and the REST API."""
+
+from datetime import datetime, time
+
+import django_filters
+from django.db.models import Q
+from django.utils import timezone
+
+from usage_sync.models import AggregatedBatch, BatchStatus, RecordStatus, SyncActivity, UsageRecord
+
+
+def start_of_day(day) -> datetime:
+    """Return 00:00:00 of `day` in the current time zone, as an aware datetime."""
+    return datetime.combine(day, time.min, tzinfo=timezone.get_current_timezone())
+
+
+class BatchFilter(django_filters.FilterSet):
+    """Incomplete-batch view: Start Date, End Date, Sync Status (seed: "Filters")."""
+
+    start_date = django_filters.DateFilter(
+        method="filter_start_date", label="Start date",
+        help_text="Batches whose window starts on or after this date, 00:00:00.",
+    )
+    end_date = django_filters.DateFilter(
+        method="filter_end_date", label="End date",
+        help_text="Batches whose window starts before this date, 00:00:00.",
+    )
+    status = django_filters.ChoiceFilter(choices=BatchStatus.choices, label="Sync status")
+    incomplete = django_filters.BooleanFilter(
+        method="filter_incomplete", label="Incomplete",
+        help_text="true: batches with PENDING or ERROR records; false: the others.",
+    )
+    ordering = django_filters.OrderingFilter(
+        fields=["window_start", "id", "total_count", "error_count", "pending_count",
+                "completed_count"],
+    )
+
+    class Meta:
+        model = AggregatedBatch
+        fields = ["start_date", "end_date", "status", "incomplete"]
+
+    def filter_start_date(self, queryset, name, value):
+        return queryset.filter(window_start__gte=start_of_day(value))
+
+    def filter_end_date(self, queryset, name, value):
+        return queryset.filter(window_start__lt=start_of_day(value))
+
+    def filter_incomplete(self, queryset, name, value):
+        # The same condition as batch_incomplete_idx, so the index serves it.
+        incomplete = Q(pending_count__gt=0) | Q(error_count__gt=0)
+        return queryset.filter(incomplete if value else ~incomplete)
+
+
+class RecordFilter(django_filters.FilterSet):
+    """Billing Aggregated Usage Records: batch, error code, status, account."""
+
+    batch = django_filters.NumberFilter(field_name="batch_id", label="Batch")
+    error_code = django_filters.CharFilter(field_name="sync_error_code", label="Sync error code")
+    status = django_filters.ChoiceFilter(choices=RecordStatus.choices, label="Status")
+    account = django_filters.CharFilter(
+        method="filter_account", label="Account", help_text="client_acct_id or acct_no."
+    )
+
+    class Meta:
+        model = UsageRecord
+        fields = ["batch", "error_code", "status", "account"]
+
+    def filter_account(self, queryset, name, value):
+        value = value.strip()
+        match = Q(client_acct_id=value)
+        if value.isdigit():
+            match |= Q(acct_no=int(value))
+        return queryset.filter(match)
+
+
+class ActivityFilter(django_filters.FilterSet):
+    """Activity log: status and date filters, sortable by Id, Status, Action, Object."""
+
+    status = django_filters.ChoiceFilter(choices=SyncActivity.Status.choices, label="Status")
+    start_date = django_filters.DateFilter(
+        method="filter_start_date", label="Start date",
+        help_text="Entries created on or after this date, 00:00:00.",
+    )
+    end_date = django_filters.DateFilter(
+        method="filter_end_date", label="End date",
+        help_text="Entries created before this date, 00:00:00.",
+    )
+    ordering = django_filters.OrderingFilter(
+        fields=["id", "status", "action_name", "object_name"],
+    )
+
+    class Meta:
+        model = SyncActivity
+        fields = ["status", "start_date", "end_date"]
+
+    def filter_start_date(self, queryset, name, value):
+        return queryset.filter(created_at__gte=start_of_day(value))
+
+    def filter_end_date(self, queryset, name, value):
+        return queryset.filter(created_at__lt=start_of_day(value))
