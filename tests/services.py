@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -153,7 +154,9 @@ class Worker:
                 "--loglevel=INFO", f"--hostname={name}@%h", "--without-mingle",
                 "--without-gossip"]
         if beat:
-            args += ["--beat", f"--schedule={ROOT / 'var' / f'beat-{name}-{os.getpid()}'}"]
+            # Beat's schedule file goes next to the log (a fresh clone has no var/).
+            folder = log.parent if log else Path(tempfile.mkdtemp())
+            args += ["--beat", f"--schedule={folder / f'beat-{name}'}"]
         self.process = Process(args, env=env, log=log)
 
     def start(self) -> Worker:
