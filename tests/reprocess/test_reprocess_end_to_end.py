@@ -1,0 +1,211 @@
+"""Reprocess with real parts: PostgreSQL, Redis, the tansu broker, a Celery worker and the
+core Aria simulator. Records fail in core Aria, the operator fixes the cause in the
+simulator, then reprocesses through the API at each level in turn: exactly the selected
+records are sent again, once; COMPLETE records never are; done batches leave the
+incomplete list."""
+
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+
+import pytest
+import redis
+from django.db import connection
+
+from tests.reprocess.factories import grant_reprocess
+from tests.services import Broker, Simulator, Worker, wait_for
+from usage_sync.aggregation import aggregate_usage
+from usage_sync.ingest import store_events, validate_events
+from usage_sync.models import AggregatedBatch, AggregationConfig, RecordStatus, UsageRecord
+from usage_sync.publishing import publish_batches
+
+NOW = datetime(2026, 11, 21, tzinfo=UTC)
+AUTH_KEY = "e2e-auth-key"
+CLIENT_NO = 4242
+REDIS_DB_URL = "redis://127.0.0.1:6379/12"
+# Per window: one record Aria knows, one of an account it learns later (1009), and one of a
+# usage type it learns later (the simulator's 1017).
+GROUPS = [("ACME-001", "API_CALLS"), ("NEWCO-001", "API_CALLS"), ("ACME-002", "NEWCO_UNITS")]
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
+
+
+class Pipeline:
+    """The minimal pieces of tests/usage_sync/test_sync_end_to_end.py's Pipeline."""
+
+    def __init__(self, tmp_path, settings, broker: Broker, simulator: Simulator):
+        self.tmp_path = tmp_path
+        self.simulator = simulator
+        self.workers: list[Worker] = []
+        tag = uuid.uuid4().hex[:8]
+        settings.KAFKA_BOOTSTRAP_SERVERS = broker.bootstrap
+        settings.KAFKA_AGGREGATED_TOPIC = f"reprocess-{tag}"
+        settings.KAFKA_AGGREGATED_TOPIC_PARTITIONS = 3
+        db = connection.settings_dict
+        self.env = {
+            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+            "REDIS_URL": REDIS_DB_URL,
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "KAFKA_AGGREGATED_TOPIC": settings.KAFKA_AGGREGATED_TOPIC,
+            "KAFKA_CONSUMER_GROUP": f"sync-{tag}",
+            "KAFKA_SESSION_TIMEOUT_MS": "6000",
+            "ARIA_API_URL": simulator.url,
+            "ARIA_CLIENT_NO": str(CLIENT_NO),
+            "ARIA_AUTH_KEY": AUTH_KEY,
+            "ARIA_TIMEOUT_SECONDS": "2",
+            "SYNC_CLAIM_STALE_SECONDS": "4",
+            "SYNC_RETRY_BASE_SECONDS": "1",
+            "SYNC_REPUBLISH_AFTER_SECONDS": "6",
+            "SYNC_SWEEP_INTERVAL_SECONDS": "1",
+            "SYNC_CONSUMER_RESTART_SECONDS": "1",
+            "SYNC_CONSUMER_LIFETIME_SECONDS": "120",
+        }
+
+    def ingest_and_aggregate(self, *, windows: int) -> list[int]:
+        raw = [
+            {
+                "event_id": f"{account}-{window}-{n}",
+                "client_acct_id": account,
+                "usage_type_code": usage_type,
+                "usage_units": "2",
+                "usage_date": f"2026-11-20T{window:02d}:{n:02d}:00Z",
+            }
+            for account, usage_type in GROUPS
+            for window in range(windows)
+            for n in range(2)
+        ]
+        events, errors = validate_events(raw)
+        assert not errors
+        store_events(events)
+        config = AggregationConfig.load()
+        config.batch_size = 10
+        config.save()
+        return aggregate_usage(now=NOW).batch_ids
+
+    def start_worker(self) -> Worker:
+        worker = Worker(
+            f"reprocess-{len(self.workers)}", env=self.env, log=self.tmp_path / "worker.log"
+        ).start()
+        self.workers.append(worker)
+        return worker
+
+    def wait_until_settled(self, timeout: float = 90):
+        def settled():
+            return not UsageRecord.objects.filter(status=RecordStatus.PENDING).exists()
+
+        try:
+            wait_for(settled, timeout=timeout, what="every record to settle", interval=0.5)
+        except TimeoutError:
+            log = (self.tmp_path / "worker.log").read_text()[-4000:]
+            raise AssertionError(f"records still PENDING\n{log}") from None
+
+    def sends(self) -> Counter:
+        """How many bulk_record_usage_m calls carried each client_record_id."""
+        return Counter(
+            cid
+            for call in self.simulator.calls()
+            if call.get("rest_call") == "bulk_record_usage_m"
+            for cid in call["client_record_ids"]
+        )
+
+    def close(self):
+        for worker in self.workers:
+            worker.stop()
+
+
+@pytest.fixture
+def simulator(tmp_path):
+    simulator = Simulator(
+        "--client-no", str(CLIENT_NO), "--auth-key", AUTH_KEY, log=tmp_path / "simulator.log"
+    ).start()
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture
+def pipeline(postgres_only, tmp_path, settings, broker, simulator):
+    redis.Redis.from_url(REDIS_DB_URL).flushdb()
+    pipeline = Pipeline(tmp_path, settings, broker, simulator)
+    yield pipeline
+    pipeline.close()
+
+
+def incomplete_batches(client) -> list[int]:
+    response = client.get("/api/v1/batches/?incomplete=true&ordering=id")
+    assert response.status_code == 200
+    return [row["id"] for row in response.json()["results"]]
+
+
+def record_ids(batch_id: int, **filters) -> set[str]:
+    return set(
+        UsageRecord.objects.filter(batch_id=batch_id, **filters).values_list(
+            "client_record_id", flat=True
+        )
+    )
+
+
+def test_reprocessing_at_each_level_resends_exactly_the_selected_records_once(
+    pipeline, api_client, user
+):
+    grant_reprocess(user)
+    b1, b2, b3 = pipeline.ingest_and_aggregate(windows=3)
+    pipeline.start_worker()
+    publish_batches([b1, b2, b3])
+    pipeline.wait_until_settled()
+
+    assert set(UsageRecord.objects.values_list("client_acct_id", "status", "sync_error_code")) == {
+        ("ACME-001", "COMPLETE", ""), ("NEWCO-001", "ERROR", "1009"), ("ACME-002", "ERROR", "1017")
+    }
+    assert incomplete_batches(api_client) == [b1, b2, b3]
+    complete = set(UsageRecord.objects.filter(status="COMPLETE").values_list(
+        "client_record_id", flat=True))
+    expected = Counter({cid: 1 for cid in UsageRecord.objects.values_list(
+        "client_record_id", flat=True)})
+    assert pipeline.sends() == expected
+
+    # The operator adds the account in core Aria, then reprocesses one summary line.
+    pipeline.simulator.configure(accounts=["NEWCO-001"])
+    response = api_client.post(
+        f"/api/v1/batches/{b1}/error-summary/reprocess/",
+        {"error_code": "1009", "status": "ERROR", "reason": "NEWCO-001 created"},
+        format="json",
+    )
+    assert response.status_code == 202
+    assert (response.json()["records"], response.json()["batches"]) == (1, 1)
+    pipeline.wait_until_settled()
+    expected.update(record_ids(b1, client_acct_id="NEWCO-001"))
+    assert pipeline.sends() == expected
+    assert record_ids(b1, status="ERROR") == record_ids(b1, client_acct_id="ACME-002")
+    run = api_client.get(f"/api/v1/reprocess/{response.json()['run_id']}/").json()
+    assert run["progress"] == {"completed": 1, "errored": 0, "pending": 0, "ignored": 0}
+    assert run["finished"] is True
+    assert incomplete_batches(api_client) == [b1, b2, b3]
+
+    # The usage type is created too; the operator reprocesses a whole batch.
+    pipeline.simulator.configure(usage_types=["NEWCO_UNITS"])
+    response = api_client.post(f"/api/v1/batches/{b2}/reprocess/", {}, format="json")
+    assert response.status_code == 202
+    assert (response.json()["records"], response.json()["batches"]) == (2, 1)
+    pipeline.wait_until_settled()
+    expected.update(record_ids(b2, status="COMPLETE") - complete)
+    assert pipeline.sends() == expected
+    assert incomplete_batches(api_client) == [b1, b3]
+
+    # And then everything that is left.
+    response = api_client.post("/api/v1/reprocess/all/", {}, format="json")
+    assert response.status_code == 202
+    assert (response.json()["records"], response.json()["batches"]) == (3, 2)
+    pipeline.wait_until_settled()
+    expected.update(record_ids(b1, client_acct_id="ACME-002"))
+    expected.update(record_ids(b3) - complete)
+    assert pipeline.sends() == expected
+    assert incomplete_batches(api_client) == []
+
+    # Each record is in core Aria exactly once; the complete ones were sent only once.
+    stored = Counter(r["client_record_id"] for r in pipeline.simulator.records())
+    assert stored == Counter({cid: 1 for cid in UsageRecord.objects.values_list(
+        "client_record_id", flat=True)})
+    assert all(pipeline.sends()[cid] == 1 for cid in complete)
+    assert not UsageRecord.objects.exclude(status="COMPLETE").exists()
+    for batch in AggregatedBatch.objects.all():
+        assert (batch.status, batch.completed_count, batch.total_count) == ("COMPLETE", 3, 3)
