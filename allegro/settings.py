@@ -102,6 +102,12 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Allegro Usage Sync API",
     "DESCRIPTION": "Ingest raw usage; review and reprocess aggregated usage record sync.",
     "VERSION": "1",
+    # Several models have a "status" field; name each enum after its model's status type.
+    "ENUM_NAME_OVERRIDES": {
+        "BatchStatusEnum": "usage_sync.models.BatchStatus",
+        "RecordStatusEnum": "usage_sync.models.RecordStatus",
+        "ActivityStatusEnum": "usage_sync.models.SyncActivity.Status",
+    },
 }
 
 # Celery (Redis broker). Beat runs aggregation; its period follows the database
