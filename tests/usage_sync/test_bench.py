@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -21,6 +22,13 @@ INGEST_KEYS = {
 AGGREGATION_KEYS = {
     "benchmark", "events", "records", "batches", "bare_seconds", "aggregation_seconds",
     "ratio", "target", "met", "statements_seconds", "units_verified", "machine",
+}
+
+SYNC_KEYS = {
+    "benchmark", "records", "batches", "batch_size", "seconds", "records_per_s",
+    "bare_seconds", "bare_records_per_s", "ratio", "target_ratio", "met",
+    "call_ms_p50", "bare_call_ms_p50", "worker_peak_rss_mb", "worker_peak_pss_mb",
+    "target_rss_mb", "rss_met", "billed_once", "machine",
 }
 
 
@@ -59,6 +67,18 @@ def bench_database_exists(name: str) -> bool:
     return database_exists(name=name, server=server_settings(settings.DATABASES["default"]))
 
 
+def processes_using(database_name: str) -> list[int]:
+    """Return the pids whose environment names the database: what a bench run started."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"/{database_name}".encode() in environ.read_bytes():
+                pids.append(int(environ.parent.name))
+        except OSError:
+            continue  # gone, or not ours to read
+    return pids
+
+
 def test_it_prints_a_json_line_per_run_and_drops_its_database(database_name):
     run = bench("--events", "2000", "--database-name", database_name)
 
@@ -68,6 +88,7 @@ def test_it_prints_a_json_line_per_run_and_drops_its_database(database_name):
         ("ingest_api", 1),
         ("ingest_api", 2),
         ("aggregation", None),
+        ("sync_end_to_end", None),
     ]
     for ingest in results[:2]:
         assert INGEST_KEYS <= ingest.keys()
@@ -94,3 +115,20 @@ def test_it_drops_its_database_when_a_benchmark_fails(database_name):
     assert run.stdout == ""
     assert "ingest answered 400" in run.stderr
     assert not bench_database_exists(database_name)
+
+
+def test_it_syncs_through_a_worker_bills_each_record_once_and_stops_what_it_started(
+    database_name,
+):
+    run = bench("--only", "sync", "--events", "2000", "--database-name", database_name)
+
+    assert run.returncode == 0, run.stderr
+    [result] = [json.loads(line) for line in run.stdout.splitlines()]
+    assert SYNC_KEYS <= result.keys()
+    assert result["benchmark"] == "sync_end_to_end"
+    assert (result["records"], result["batches"], result["batch_size"]) == (2000, 2, 1000)
+    assert result["billed_once"] is True
+    assert result["records_per_s"] > 0 and result["bare_records_per_s"] > 0
+    assert result["worker_peak_rss_mb"] >= result["worker_peak_pss_mb"] > 0
+    assert not bench_database_exists(database_name)
+    assert processes_using(database_name) == []

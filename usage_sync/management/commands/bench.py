@@ -15,19 +15,21 @@ from usage_sync import benchmarks
 
 class Command(BaseCommand):
     help = (
-        "Benchmark ingest over HTTP and aggregation in a dedicated PostgreSQL database "
+        "Benchmark ingest over HTTP, aggregation, and sync end to end (Kafka, a Celery "
+        "worker, the core Aria simulator) in a dedicated PostgreSQL database "
         "(created and dropped here; your own database is never touched). "
         "Prints one JSON object per line on stdout; notes go to stderr."
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--only", choices=["ingest", "aggregation"])
+        parser.add_argument("--only", choices=["ingest", "aggregation", "sync"])
         parser.add_argument(
             "--events",
             type=int,
             help=f"events per benchmark, to scale down a quick run (default "
             f"{benchmarks.INGEST_EVENTS:,} for ingest, {benchmarks.AGGREGATION_EVENTS:,} "
-            "for aggregation)",
+            f"for aggregation, {benchmarks.SYNC_RECORDS:,} for sync, where each event "
+            f"becomes one record, {benchmarks.SYNC_BATCH_SIZE:,} to a batch)",
         )
         parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
         parser.add_argument(
@@ -47,7 +49,7 @@ class Command(BaseCommand):
             raise CommandError("--events must be at least 1")
         if options["workers"] < 1 or min(options["clients"]) < 1:
             raise CommandError("--workers and --clients must be at least 1")
-        # SIGTERM unwinds like Ctrl-C, so gunicorn is stopped and the database dropped.
+        # SIGTERM unwinds like Ctrl-C, so the servers are stopped and the database dropped.
         signal.signal(signal.SIGTERM, _raise_system_exit)
         if inside:
             self._run_benchmarks(database_name=inside, **options)
@@ -95,6 +97,12 @@ class Command(BaseCommand):
                     events=events or benchmarks.AGGREGATION_EVENTS
                 )
                 self._emit({**result, "machine": machine})
+            if only in (None, "sync"):
+                result = benchmarks.bench_sync(
+                    database_url=os.environ["DATABASE_URL"],
+                    records=events or benchmarks.SYNC_RECORDS,
+                )
+                self._emit({**result, "machine": machine})
         except benchmarks.BenchmarkError as exc:
             raise CommandError(str(exc)) from exc
 
@@ -108,7 +116,7 @@ def _raise_system_exit(signum, frame):
 
 
 def _run_child(command: list[str], *, env_database_url: str) -> int:
-    """Run the benchmarks in a child process; if interrupted, let it stop gunicorn first."""
+    """Run the benchmarks in a child process; if interrupted, let it stop its servers first."""
     child = subprocess.Popen(
         command, cwd=settings.BASE_DIR, env={**os.environ, "DATABASE_URL": env_database_url}
     )
@@ -117,7 +125,8 @@ def _run_child(command: list[str], *, env_database_url: str) -> int:
     except BaseException:
         child.send_signal(signal.SIGTERM)
         try:
-            child.wait(timeout=30)
+            # Enough for the sync benchmark to stop its worker, simulator and broker in turn.
+            child.wait(timeout=120)
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
