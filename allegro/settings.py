@@ -70,12 +70,17 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         {"timeout": 30, "transaction_mode": "IMMEDIATE"}
     )
+# Keep connections between requests and consumer messages; check them before reuse.
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "console:overview"
+LOGOUT_REDIRECT_URL = "login"
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -151,6 +156,8 @@ SYNC_CLAIM_STALE_SECONDS = env.float(
 SYNC_RETRY_BASE_SECONDS = env.float("SYNC_RETRY_BASE_SECONDS", default=5.0)
 # A published batch still PENDING after this long is published again (lost message).
 SYNC_REPUBLISH_AFTER_SECONDS = env.float("SYNC_REPUBLISH_AFTER_SECONDS", default=600.0)
+# Consumers one worker runs side by side; its pool needs at least this many + 1 slots.
+SYNC_CONSUMERS_PER_WORKER = env.int("SYNC_CONSUMERS_PER_WORKER", default=2)
 # How long one consumer task runs before it hands over to the next beat-started one.
 SYNC_CONSUMER_LIFETIME_SECONDS = env.float("SYNC_CONSUMER_LIFETIME_SECONDS", default=300.0)
 

@@ -1,0 +1,22 @@
+"""Operator console URLs (SPEC §4), served at the site root."""
+
+from django.urls import path
+
+from . import views
+
+app_name = "console"
+
+urlpatterns = [
+    path("", views.OverviewView.as_view(), name="overview"),
+    path("usage/aggregated/", views.BatchListView.as_view(), name="batches"),
+    path("usage/aggregated/<int:batch_id>/summary/", views.ErrorSummaryView.as_view(),
+         name="batch-summary"),
+    path("usage/reprocess/", views.ReprocessView.as_view(), name="reprocess"),
+    path("usage/reprocess/runs/<int:run_id>/progress/", views.RunProgressView.as_view(),
+         name="run-progress"),
+    path("usage/records/", views.RecordListView.as_view(), name="records"),
+    path("usage/records.csv", views.RecordCsvView.as_view(), name="records-csv"),
+    path("usage/activity/", views.ActivityListView.as_view(), name="activity"),
+    path("usage/configuration/", views.ConfigView.as_view(), name="config"),
+    path("accounts/", views.AccountListView.as_view(), name="accounts"),
+]

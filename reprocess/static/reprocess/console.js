@@ -1,0 +1,58 @@
+/* Console behaviour: expandable batch summaries, reprocess progress polling. No framework. */
+(function () {
+  "use strict";
+
+  function toggleSummary(button) {
+    var row = button.closest("tr");
+    var next = row.nextElementSibling;
+    if (next && next.classList.contains("summary-row")) {
+      next.remove();
+      button.setAttribute("aria-expanded", "false");
+      return;
+    }
+    var summary = document.createElement("tr");
+    summary.className = "summary-row";
+    var cell = document.createElement("td");
+    cell.colSpan = row.children.length;
+    cell.textContent = "Loading…";
+    summary.appendChild(cell);
+    row.after(summary);
+    button.setAttribute("aria-expanded", "true");
+    fetch(button.dataset.url, { credentials: "same-origin" })
+      .then(function (r) {
+        if (!r.ok) { throw new Error("HTTP " + r.status); }
+        return r.text();
+      })
+      .then(function (html) { cell.innerHTML = html; })
+      .catch(function (err) { cell.textContent = "Could not load the summary (" + err.message + ")."; });
+  }
+
+  function pollProgress(box) {
+    var timer = setInterval(function () {
+      fetch(box.dataset.url, { credentials: "same-origin" })
+        .then(function (r) { return r.ok ? r.text() : Promise.reject(new Error(r.status)); })
+        .then(function (html) {
+          box.innerHTML = html;
+          var state = box.querySelector("[data-finished]");
+          if (state && state.dataset.finished === "1") {
+            clearInterval(timer);
+            // Reload the table: what the run processed disappears from the view.
+            var url = new URL(window.location.href);
+            url.searchParams.delete("run");
+            setTimeout(function () { window.location.assign(url.toString()); }, 1500);
+          }
+        })
+        .catch(function () { clearInterval(timer); });
+    }, 3000);
+  }
+
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest(".js-expand");
+    if (button) { toggleSummary(button); }
+  });
+
+  document.addEventListener("DOMContentLoaded", function () {
+    var box = document.querySelector(".js-progress");
+    if (box && box.querySelector("[data-finished='0']")) { pollProgress(box); }
+  });
+})();

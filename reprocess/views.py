@@ -1,0 +1,413 @@
+"""Operator console (SPEC §4): server-rendered pages over filters.py, tables.py and reprocess.py."""
+
+import csv
+import json
+from datetime import timedelta
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.mixins import LoginRequiredMixin, PermissionRequiredMixin
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
+from django.db.models import Count, Max, Q, Sum
+from django.db.models.functions import TruncDate
+from django.http import StreamingHttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.http import urlencode
+from django.views import View
+from django.views.generic import TemplateView
+from django.views.generic.edit import FormView
+from django_filters.views import FilterView
+from django_tables2 import SingleTableMixin, SingleTableView
+from django_tables2.paginators import LazyPaginator
+
+from usage_sync.models import (
+    AggregatedBatch,
+    AggregationConfig,
+    BatchStatus,
+    RecordStatus,
+    SyncActivity,
+    UsageRecord,
+)
+
+from .api import error_summary
+from .filters import ActivityFilter, BatchFilter, RecordFilter
+from .models import ReprocessLevel, ReprocessRun
+from .reprocess import ReprocessError, reprocess_run_create
+from .tables import AccountTable, ActivityTable, BatchTable, RecordTable
+
+REPROCESS_PERM = "reprocess.reprocess_usage"
+
+
+class ConsoleMixin(LoginRequiredMixin):
+    """Every console page needs a login; `section` picks the navigation pane."""
+
+    section = "usage"
+    nav = ""
+
+    def get_context_data(self, **kwargs):
+        return super().get_context_data(section=self.section, nav=self.nav, **kwargs)
+
+
+# --- overview ----------------------------------------------------------------------------
+
+CHART_DAYS = 14
+CHART_STATUSES = [s.value for s in SyncActivity.Status]
+
+
+class OverviewView(ConsoleMixin, TemplateView):
+    """Batches and records by status, and the last two weeks of sync outcomes."""
+
+    template_name = "reprocess/overview.html"
+    nav = "overview"
+
+    def get_context_data(self, **kwargs):
+        batches = dict(
+            AggregatedBatch.objects.order_by().values_list("status").annotate(n=Count("id"))
+        )
+        # Record counts from the batches' maintained counters: no scan of the records.
+        records = AggregatedBatch.objects.aggregate(
+            total=Sum("total_count"), complete=Sum("completed_count"),
+            error=Sum("error_count"), pending=Sum("pending_count"),
+            ignored=Sum("ignored_count"),
+        )
+        return super().get_context_data(
+            batch_counts=[(s.value, batches.get(s.value, 0)) for s in BatchStatus],
+            record_counts={k: v or 0 for k, v in records.items()},
+            incomplete_batches=AggregatedBatch.objects.filter(
+                Q(pending_count__gt=0) | Q(error_count__gt=0)
+            ).count(),
+            chart=sync_outcome_chart(),
+            **kwargs,
+        )
+
+
+def sync_outcome_chart() -> dict:
+    """Lay out a stacked bar per day of BULK_RECORD_USAGE entries by status (one GROUP BY)."""
+    today = timezone.localdate()
+    first = today - timedelta(days=CHART_DAYS - 1)
+    rows = (
+        SyncActivity.objects.filter(
+            action_name="BULK_RECORD_USAGE",
+            created_at__gte=timezone.now() - timedelta(days=CHART_DAYS),
+        )
+        .annotate(day=TruncDate("created_at"))
+        .order_by()
+        .values_list("day", "status")
+        .annotate(n=Count("id"))
+    )
+    counts = {(day, status): n for day, status, n in rows}
+    days = [first + timedelta(days=i) for i in range(CHART_DAYS)]
+    peak = max([sum(counts.get((d, s), 0) for s in CHART_STATUSES) for d in days] + [1])
+    height, bar_width, gap, top = 160, 36, 12, 10
+    bars = []
+    for i, day in enumerate(days):
+        x = 40 + i * (bar_width + gap)
+        y = top + height
+        segments = []
+        for status in CHART_STATUSES:
+            n = counts.get((day, status), 0)
+            if n:
+                h = n * height / peak
+                y -= h
+                segments.append({"status": status.lower(), "n": n, "y": round(y, 1),
+                                 "h": round(h, 1)})
+        bars.append({"x": x, "label": day.strftime("%m-%d"), "segments": segments,
+                     "total": sum(s["n"] for s in segments)})
+    return {"bars": bars, "peak": peak, "width": 40 + CHART_DAYS * (bar_width + gap),
+            "height": height + top + 30, "base": top + height, "bar_width": bar_width,
+            "statuses": [s.lower() for s in CHART_STATUSES], "top": top,
+            "empty": not counts}
+
+
+# --- incomplete batches and their summary -------------------------------------------------
+
+
+class IncompleteBatchFilter(BatchFilter):
+    """The seed's three filters; the view itself selects the incomplete batches."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Sorting is the table's (?sort=); incompleteness is the view's.
+        del self.filters["incomplete"]
+        del self.filters["ordering"]
+
+
+class BatchListView(ConsoleMixin, SingleTableMixin, FilterView):
+    """Billing Sync Reprocess ▸ Aggregated usage: incomplete batches, latest first."""
+
+    template_name = "reprocess/batch_list.html"
+    table_class = BatchTable
+    filterset_class = IncompleteBatchFilter
+    paginate_by = 25
+    nav = "batches"
+    # Served by batch_incomplete_idx.
+    queryset = AggregatedBatch.objects.filter(Q(pending_count__gt=0) | Q(error_count__gt=0))
+
+    def get_context_data(self, **kwargs):
+        run = None
+        run_id = self.request.GET.get("run", "")
+        if run_id.isdigit():
+            run = ReprocessRun.objects.filter(pk=run_id).first()
+        return super().get_context_data(run=run, **kwargs)
+
+
+class ErrorSummaryView(ConsoleMixin, View):
+    """The expanded row: the batch's incomplete records by status and error code."""
+
+    def get(self, request, batch_id: int):
+        batch = get_object_or_404(AggregatedBatch, pk=batch_id)
+        lines = error_summary(batch)
+        records_url = reverse("console:records")
+        for line in lines:
+            line["records_url"] = f"{records_url}?" + urlencode(
+                {"batch": batch.pk, "error_code": line["error_code"], "status": line["status"]}
+            )
+            line["reprocess_url"] = _reprocess_url(
+                level=ReprocessLevel.ERROR_SUMMARY, batch=batch.pk,
+                error_code=line["error_code"], status=line["status"],
+            )
+        return render(request, "reprocess/partials/error_summary.html",
+                      {"batch": batch, "lines": lines})
+
+
+def _reprocess_url(**params) -> str:
+    return reverse("console:reprocess") + "?" + urlencode(params)
+
+
+# --- reprocess ---------------------------------------------------------------------------
+
+
+class ReprocessView(ConsoleMixin, PermissionRequiredMixin, View):
+    """Confirm a reprocess with its dry-run counts (GET), then queue it (POST)."""
+
+    permission_required = REPROCESS_PERM
+    raise_exception = True
+
+    def scope(self, data) -> dict:
+        batch = data.get("batch", "")
+        return {
+            "level": data.get("level", ""),
+            "batch_id": int(batch) if batch.isdigit() else None,
+            "error_code": data.get("error_code", ""),
+            "status": data.get("status", ""),
+        }
+
+    def get(self, request):
+        scope = self.scope(request.GET)
+        context = {"section": "usage", "nav": "batches", "scope": scope, "dry_run": None,
+                   "error": None}
+        try:
+            context["dry_run"] = reprocess_run_create(
+                **scope, actor=request.user.get_username(), dry_run=True
+            )
+        except ReprocessError as exc:
+            context["error"] = exc.message
+        return render(request, "reprocess/reprocess_confirm.html", context,
+                      status=200 if context["error"] is None else 400)
+
+    def post(self, request):
+        scope = self.scope(request.POST)
+        reason = request.POST.get("reason", "").strip()[:1000]
+        try:
+            run = reprocess_run_create(**scope, actor=request.user.get_username(), reason=reason)
+        except ReprocessError as exc:
+            messages.error(request, f"Reprocess not started: {exc.message}")
+            return redirect("console:batches")
+        messages.success(
+            request,
+            f"Reprocess run {run.pk} ({run.object_name}) queued {run.records_selected} "
+            f"records in {run.batches_selected} batches.",
+        )
+        return redirect(reverse("console:batches") + f"?run={run.pk}")
+
+
+class RunProgressView(ConsoleMixin, View):
+    """A run's records by current status, polled by the batch view until it is done."""
+
+    def get(self, request, run_id: int):
+        run = get_object_or_404(ReprocessRun, pk=run_id)
+        progress = run.progress()
+        run.mark_finished(progress)
+        return render(request, "reprocess/partials/run_progress.html",
+                      {"run": run, "progress": progress})
+
+
+# --- records -----------------------------------------------------------------------------
+
+
+class RecordListView(ConsoleMixin, SingleTableMixin, FilterView):
+    """Billing Aggregated Usage Records: filtered, sorted, lazily paginated (no COUNT(*))."""
+
+    template_name = "reprocess/record_list.html"
+    table_class = RecordTable
+    filterset_class = RecordFilter
+    paginate_by = 50
+    paginator_class = LazyPaginator
+    queryset = UsageRecord.objects.all()
+    nav = "records"
+
+    def get_context_data(self, **kwargs):
+        export = reverse("console:records-csv") + "?" + self.request.GET.urlencode()
+        return super().get_context_data(export_url=export, **kwargs)
+
+
+class _Echo:
+    def write(self, value):
+        return value
+
+
+CSV_FIELDS = ["id", "batch_id", "client_record_id", "client_acct_id", "acct_no",
+              "usage_type_code", "usage_type", "qualifier_1", "qualifier_2", "qualifier_3",
+              "qualifier_4", "usage_units", "amount", "rate", "usage_date", "event_count",
+              "status", "sync_error_code", "sync_error_message", "attempts", "completed_at"]
+
+
+class RecordCsvView(ConsoleMixin, View):
+    """Stream the filtered records as CSV, a chunk of rows at a time."""
+
+    def get(self, request):
+        filterset = RecordFilter(request.GET, queryset=UsageRecord.objects.all())
+        if not filterset.is_valid():
+            return render(request, "reprocess/record_list.html",
+                          {"filter": filterset, "section": "usage", "nav": "records"},
+                          status=400)
+        rows = filterset.qs.order_by("id").values_list(*CSV_FIELDS).iterator(chunk_size=2000)
+        writer = csv.writer(_Echo())
+
+        def lines():
+            yield writer.writerow(CSV_FIELDS)
+            for row in rows:
+                yield writer.writerow(row)
+
+        response = StreamingHttpResponse(lines(), content_type="text/csv")
+        response["Content-Disposition"] = 'attachment; filename="aggregated-usage-records.csv"'
+        return response
+
+
+# --- activity log ------------------------------------------------------------------------
+
+
+class ActivityFilterForConsole(ActivityFilter):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.filters["ordering"]  # the table sorts (?sort=)
+
+
+class ActivityListView(ConsoleMixin, SingleTableMixin, FilterView):
+    """The activity log: sync calls, aggregation runs, reprocesses, config changes."""
+
+    template_name = "reprocess/activity_list.html"
+    table_class = ActivityTable
+    filterset_class = ActivityFilterForConsole
+    paginate_by = 50
+    paginator_class = LazyPaginator
+    queryset = SyncActivity.objects.all()
+    nav = "activity"
+
+
+# --- configuration -----------------------------------------------------------------------
+
+
+class AggregationConfigForm(forms.ModelForm):
+    class Meta:
+        model = AggregationConfig
+        fields = ["frequency_minutes", "group_by_qualifier_1", "group_by_qualifier_2",
+                  "group_by_qualifier_3", "group_by_qualifier_4", "batch_size",
+                  "lateness_grace_minutes", "enabled"]
+        labels = {"frequency_minutes": "Aggregation frequency",
+                  "lateness_grace_minutes": "Lateness grace (minutes)"}
+
+
+class ConfigView(ConsoleMixin, FormView):
+    """Aggregate usage configuration; saving needs usage_sync.change_aggregationconfig."""
+
+    template_name = "reprocess/config.html"
+    form_class = AggregationConfigForm
+    nav = "config"
+    permission = "usage_sync.change_aggregationconfig"
+
+    def can_change(self) -> bool:
+        return self.request.user.has_perm(self.permission)
+
+    def get_form_kwargs(self):
+        kwargs = super().get_form_kwargs()
+        kwargs["instance"] = AggregationConfig.load()
+        return kwargs
+
+    def get_form(self, form_class=None):
+        form = super().get_form(form_class)
+        if not self.can_change():
+            for field in form.fields.values():
+                field.disabled = True
+        return form
+
+    def get_context_data(self, **kwargs):
+        return super().get_context_data(can_change=self.can_change(), **kwargs)
+
+    def post(self, request, *args, **kwargs):
+        if not self.can_change():
+            raise PermissionDenied("Changing the configuration needs change_aggregationconfig.")
+        return super().post(request, *args, **kwargs)
+
+    def form_valid(self, form):
+        changes = {
+            name: {"old": _plain(form.initial.get(name)), "new": _plain(form.cleaned_data[name])}
+            for name in form.changed_data
+        }
+        with transaction.atomic():
+            config = form.save(commit=False)
+            config.updated_at = timezone.now()
+            config.save()
+            if changes:
+                SyncActivity.objects.create(
+                    action_name="CONFIG_CHANGE",
+                    object_name="Aggregate usage configuration",
+                    status=SyncActivity.Status.COMPLETE,
+                    actor=self.request.user.get_username(),
+                    details={"changes": changes},
+                )
+        if changes:
+            messages.success(self.request, "Configuration saved: " + ", ".join(changes) + ".")
+        else:
+            messages.info(self.request, "Nothing changed.")
+        return redirect("console:config")
+
+
+def _plain(value):
+    return value if isinstance(value, bool | int | str | None) else json.dumps(str(value))
+
+
+# --- accounts ----------------------------------------------------------------------------
+
+
+class AccountListView(ConsoleMixin, SingleTableView):
+    """Accounts seen in usage with their record counts by status (one GROUP BY)."""
+
+    template_name = "reprocess/account_list.html"
+    table_class = AccountTable
+    paginate_by = 50
+    section = "account"
+    nav = "accounts"
+
+    def get_queryset(self):
+        records = UsageRecord.objects.order_by()
+        query = self.request.GET.get("q", "").strip()
+        if query:
+            match = Q(client_acct_id__icontains=query)
+            if query.isdigit():
+                match |= Q(acct_no=int(query))
+            records = records.filter(match)
+        return records.values("client_acct_id", "acct_no").annotate(
+            total=Count("id"),
+            complete=Count("id", filter=Q(status=RecordStatus.COMPLETE)),
+            error=Count("id", filter=Q(status__in=[RecordStatus.ERROR, RecordStatus.INCOMPLETE])),
+            pending=Count("id", filter=Q(status=RecordStatus.PENDING)),
+            ignored=Count("id", filter=Q(status=RecordStatus.IGNORED)),
+            last_usage=Max("usage_date"),
+        ).order_by("client_acct_id", "acct_no")
+
+    def get_context_data(self, **kwargs):
+        return super().get_context_data(query=self.request.GET.get("q", ""), **kwargs)
