@@ -330,9 +330,9 @@ def application_children(port: int, var_dir: Path) -> list[Child]:
             argv=[*manage, "runserver", f"127.0.0.1:{port}", "--noreload"],
             is_ready=lambda: http_answers(f"http://127.0.0.1:{port}/admin/login/"),
         ),
-        # Two pool processes: one holds the long-running Kafka consumer task, the other
-        # runs the publish sweep and aggregation.
-        Child(name="worker", argv=[*celery, "worker", "--loglevel=INFO", "--concurrency=2"]),
+        # Three pool processes: two hold long-running Kafka consumer tasks
+        # (SYNC_CONSUMERS_PER_WORKER), the third runs the publish sweep and aggregation.
+        Child(name="worker", argv=[*celery, "worker", "--loglevel=INFO", "--concurrency=3"]),
         Child(
             name="beat",
             argv=[

@@ -150,7 +150,7 @@ class Worker:
 
     def __init__(self, name: str, *, env: dict, log: Path | None = None, beat: bool = True):
         args = [sys.executable, "-m", "celery", "-A", "allegro", "worker", "--pool=prefork",
-                "--concurrency=2",
+                "--concurrency=3",
                 "--loglevel=INFO", f"--hostname={name}@%h", "--without-mingle",
                 "--without-gossip"]
         if beat:

@@ -122,17 +122,23 @@ def _reconcile_in_doubt(batch_id: int, client: AriaClient) -> int:
 
 def _send_pending(batch_id: int, client: AriaClient, reconciled: int) -> SyncResult:
     batch = AggregatedBatch.objects.get(pk=batch_id)
-    records = list(
-        UsageRecord.objects.filter(batch_id=batch_id, status=RecordStatus.PENDING).order_by("id")
-    )
-    if not records:
-        _finish(batch_id)
-        return SyncResult(Outcome.SYNCED, batch_id, reconciled=reconciled)
-    ids = [r.id for r in records]
     sent_at = timezone.now()
     # Committed before the call: from here on a lost answer leaves these records in doubt.
-    UsageRecord.objects.filter(id__in=ids, status=RecordStatus.PENDING).update(
+    # The claim keeps the batch ours (reprocess skips claimed batches), so the records
+    # marked here are exactly the ones loaded below.
+    marked = UsageRecord.objects.filter(batch_id=batch_id, status=RecordStatus.PENDING).update(
         sent_at=sent_at, attempts=F("attempts") + 1, updated_at=sent_at
+    )
+    if not marked:
+        _finish(batch_id)
+        return SyncResult(Outcome.SYNCED, batch_id, reconciled=reconciled)
+    records = list(
+        UsageRecord.objects.filter(
+            batch_id=batch_id, status=RecordStatus.PENDING, sent_at=sent_at
+        )
+        .order_by("id")
+        # Light named rows instead of model instances: a third of a batch's Python time.
+        .values_list(*USAGE_REC_FIELDS, named=True)
     )
     receipt = f"AUB{batch_id}-{batch.sync_attempts + 1}-{int(sent_at.timestamp())}"
     result = client.bulk_record_usage(
@@ -305,8 +311,16 @@ def refresh_batch_counts(batch_id: int, *, finished: bool = False) -> Aggregated
     return batch
 
 
-def usage_rec(record: UsageRecord) -> dict:
-    """Build one `usage_recs[]` element of bulk_record_usage_m from a record."""
+USAGE_REC_FIELDS = (
+    "id", "client_record_id", "client_acct_id", "acct_no", "usage_type_code", "usage_type",
+    "usage_units", "usage_date", "amount", "rate",
+    "qualifier_1", "qualifier_2", "qualifier_3", "qualifier_4",
+)
+
+
+def usage_rec(record) -> dict:
+    """Build one `usage_recs[]` element of bulk_record_usage_m from a record (or a row
+    with the USAGE_REC_FIELDS attributes)."""
     rec: dict = {"client_record_id": record.client_record_id}
     if record.client_acct_id:
         rec["client_acct_id"] = record.client_acct_id

@@ -59,16 +59,30 @@ def _raise_stop_flag(sender=None, **kwargs):
     _redis().set(_stop_key(str(sender)), 1, ex=600)
 
 
+def _free_consumer_slot(client: redis.Redis, hostname: str, *, timeout: float):
+    """Take one of the worker's SYNC_CONSUMERS_PER_WORKER consumer slots, or None."""
+    for slot in range(settings.SYNC_CONSUMERS_PER_WORKER):
+        lock = client.lock(f"allegro:sync-consumer:{hostname}:{slot}", timeout=timeout,
+                           blocking=False)
+        if lock.acquire():
+            return lock
+    return None
+
+
 @shared_task(bind=True, ignore_result=True)
 def consume_aggregated_batches(self) -> None:
-    """Consume batch ids and sync them; one consumer per worker, restarted by beat."""
+    """Consume batch ids and sync them; up to N consumers per worker, restarted by beat.
+
+    Sync calls are synchronous and mostly wait on core Aria and the database, so a worker
+    runs SYNC_CONSUMERS_PER_WORKER of them side by side (its pool needs one slot more,
+    for the sweep and aggregation).
+    """
     hostname = self.request.hostname or "local"
     lifetime = settings.SYNC_CONSUMER_LIFETIME_SECONDS
     client = _redis()
-    lock = client.lock(f"allegro:sync-consumer:{hostname}", timeout=lifetime + 60,
-                       blocking=False)
-    if not lock.acquire():
-        return  # this worker already has its consumer
+    lock = _free_consumer_slot(client, hostname, timeout=lifetime + 60)
+    if lock is None:
+        return  # this worker already runs all the consumers it may
     stop_key = _stop_key(hostname)
     try:
         handled = consumer.consume_batches(
