@@ -12,8 +12,10 @@ from usage_sync.models import AggregatedBatch, SyncActivity, UsageRecord
 class StatusColumn(tables.Column):
     """Render a status as a colour badge."""
 
-    def render(self, value):
-        return format_html('<span class="badge badge-{}">{}</span>', value.lower(), value)
+    def render(self, value, record, bound_column):
+        # The stored value (ERROR, IN_PROCESS), not the choice's display label.
+        raw = bound_column.accessor.resolve(record)
+        return format_html('<span class="badge badge-{}">{}</span>', raw.lower(), raw)
 
 
 class BatchTable(tables.Table):
@@ -51,6 +53,7 @@ class RecordTable(tables.Table):
     status = StatusColumn()
     batch = tables.Column(accessor="batch_id", verbose_name="Batch")
     usage_date = tables.DateTimeColumn(format="Y-m-d H:i")
+    sync_error_message = tables.Column(attrs={"td": {"class": "wrap"}})
 
     class Meta:
         model = UsageRecord
@@ -73,7 +76,7 @@ class ActivityTable(tables.Table):
     class Meta:
         model = SyncActivity
         fields = ["id", "created_at", "status", "action_name", "object_name", "actor",
-                  "record_count", "duration_ms", "error_code", "details"]
+                  "record_count", "duration_ms", "details", "error_code"]
         order_by = "-id"
         attrs = {"class": "table"}
         empty_text = "No activity matches these filters."
