@@ -54,5 +54,9 @@
   document.addEventListener("DOMContentLoaded", function () {
     var box = document.querySelector(".js-progress");
     if (box && box.querySelector("[data-finished='0']")) { pollProgress(box); }
+    // #batch-12 in the address opens that batch's summary (a link to an expanded row).
+    var match = /^#batch-(\d+)$/.exec(window.location.hash);
+    var row = match && document.querySelector("tr[data-batch-id='" + match[1] + "']");
+    if (row) { toggleSummary(row.querySelector(".js-expand")); }
   });
 })();
