@@ -4,6 +4,7 @@ import csv
 import json
 from datetime import timedelta
 
+import django_filters
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.mixins import LoginRequiredMixin, PermissionRequiredMixin
@@ -33,7 +34,7 @@ from usage_sync.models import (
 )
 
 from .api import error_summary
-from .filters import ActivityFilter, BatchFilter, RecordFilter
+from .filters import ActivityFilter, BatchFilter, RecordFilter, start_of_day
 from .models import ReprocessLevel, ReprocessRun
 from .reprocess import ReprocessError, reprocess_run_create
 from .tables import AccountTable, ActivityTable, BatchTable, RecordTable
@@ -238,12 +239,31 @@ class RunProgressView(ConsoleMixin, View):
 # --- records -----------------------------------------------------------------------------
 
 
+class ConsoleRecordFilter(RecordFilter):
+    """The records FilterSet plus the usage date range the console offers."""
+
+    start_date = django_filters.DateFilter(
+        method="filter_start_date", label="Usage from",
+        help_text="Records whose window starts on or after this date, 00:00:00.",
+    )
+    end_date = django_filters.DateFilter(
+        method="filter_end_date", label="Usage before",
+        help_text="Records whose window starts before this date, 00:00:00.",
+    )
+
+    def filter_start_date(self, queryset, name, value):
+        return queryset.filter(usage_date__gte=start_of_day(value))
+
+    def filter_end_date(self, queryset, name, value):
+        return queryset.filter(usage_date__lt=start_of_day(value))
+
+
 class RecordListView(ConsoleMixin, SingleTableMixin, FilterView):
     """Billing Aggregated Usage Records: filtered, sorted, lazily paginated (no COUNT(*))."""
 
     template_name = "reprocess/record_list.html"
     table_class = RecordTable
-    filterset_class = RecordFilter
+    filterset_class = ConsoleRecordFilter
     paginate_by = 50
     paginator_class = LazyPaginator
     queryset = UsageRecord.objects.all()
@@ -269,7 +289,7 @@ class RecordCsvView(ConsoleMixin, View):
     """Stream the filtered records as CSV, a chunk of rows at a time."""
 
     def get(self, request):
-        filterset = RecordFilter(request.GET, queryset=UsageRecord.objects.all())
+        filterset = ConsoleRecordFilter(request.GET, queryset=UsageRecord.objects.all())
         if not filterset.is_valid():
             return render(request, "reprocess/record_list.html",
                           {"filter": filterset, "section": "usage", "nav": "records"},

@@ -203,3 +203,46 @@ def test_granting_the_permission_is_what_shows_the_buttons(viewer_client):
     grant_reprocess(user)
     page = viewer_client.get(reverse("console:batches")).content.decode()
     assert "Reprocess all" in page
+
+
+def test_the_records_view_filters_by_usage_date(client, settings):
+    settings.TIME_ZONE = "UTC"
+    early = make_batch(complete=1, window_start=datetime(2026, 10, 1, tzinfo=UTC))
+    late = make_batch(complete=1, window_start=datetime(2026, 10, 2, 5, tzinfo=UTC))
+
+    def listed(**params):
+        table = client.get(reverse("console:records"), params).context["table"]
+        return {row.record.batch_id for row in table.rows}
+
+    assert listed(start_date="2026-10-02") == {late.pk}
+    assert listed(start_date="2026-10-01", end_date="2026-10-02") == {early.pk}
+    csv_body = b"".join(client.get(reverse("console:records-csv"),
+                                   {"end_date": "2026-10-02"}).streaming_content).decode()
+    assert f"AU{early.pk}-0" in csv_body and f"AU{late.pk}-0" not in csv_body
+
+
+def test_the_records_view_never_counts_the_whole_table(client):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    make_batch(complete=3)
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get(reverse("console:records"), {"page": 1})
+    assert response.status_code == 200
+    record_table = UsageRecord._meta.db_table
+    assert not [q["sql"] for q in queries
+                if "COUNT(" in q["sql"].upper() and record_table in q["sql"]]
+
+
+def test_the_progress_fragment_says_done_once_nothing_is_pending(client, published):
+    batch = make_batch(errors={"1009": 2})
+    response = client.post(reverse("console:reprocess"), {"level": "BATCH", "batch": batch.pk})
+    run = ReprocessRun.objects.get()
+    assert response["Location"] == reverse("console:batches") + f"?run={run.pk}"
+    running = client.get(reverse("console:run-progress", args=[run.pk])).content.decode()
+    assert 'data-finished="0"' in running and "2 pending" in running
+    batch.records.update(status=RecordStatus.COMPLETE)
+    done = client.get(reverse("console:run-progress", args=[run.pk])).content.decode()
+    assert 'data-finished="1"' in done and "2 completed" in done
+    run.refresh_from_db()
+    assert run.finished_at is not None
