@@ -125,3 +125,14 @@ def test_the_overview_counts_and_charts_sync_outcomes(client):
     assert response.context["incomplete_batches"] == 1
     html = response.content.decode()
     assert "<svg" in html and 'class="seg seg-complete"' in html and "seg-error" in html
+
+
+def test_saving_the_configuration_needs_the_csrf_token():
+    _, user = config_client()
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    assert client.post(reverse("console:config"), CONFIG).status_code == 403
+    token = client.get(reverse("console:config")).cookies["csrftoken"].value
+    response = client.post(reverse("console:config"), {**CONFIG, "csrfmiddlewaretoken": token})
+    assert response.status_code == 302
+    assert AggregationConfig.load().batch_size == 500

@@ -246,3 +246,9 @@ def test_the_progress_fragment_says_done_once_nothing_is_pending(client, publish
     assert 'data-finished="1"' in done and "2 completed" in done
     run.refresh_from_db()
     assert run.finished_at is not None
+
+
+def test_a_forbidden_reprocess_explains_the_missing_permission(viewer_client):
+    response = viewer_client.post(reverse("console:reprocess"), {"level": "ALL"})
+    assert response.status_code == 403
+    assert "Not allowed" in response.content.decode()
