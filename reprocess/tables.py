@@ -57,35 +57,44 @@ class RecordTable(tables.Table):
 
     class Meta:
         model = UsageRecord
-        fields = ["id", "batch", "client_record_id", "client_acct_id", "acct_no",
-                  "usage_type_code", "usage_units", "usage_date", "event_count", "status",
-                  "sync_error_code", "sync_error_message", "attempts"]
+        # Status and error first: what an operator reviews; the usage details after.
+        fields = ["id", "batch", "client_record_id", "client_acct_id", "status",
+                  "sync_error_code", "sync_error_message", "usage_type_code", "usage_units",
+                  "usage_date", "event_count", "acct_no", "attempts"]
         attrs = {"class": "table"}
         empty_text = "No records match these filters."
 
 
 class ActivityTable(tables.Table):
-    """The activity log, with a details toggle per entry."""
+    """The activity log, with a details toggle per entry (error and what was sent)."""
 
     status = StatusColumn()
     created_at = tables.DateTimeColumn(format="Y-m-d H:i:s", verbose_name="Date")
-    duration_ms = tables.Column(verbose_name="Duration (ms)", attrs={"td": {"class": "num"}})
+    duration_ms = tables.Column(verbose_name="Duration", attrs={"td": {"class": "num"}})
     record_count = tables.Column(verbose_name="Records", attrs={"td": {"class": "num"}})
-    details = tables.Column(orderable=False)
+    details = tables.Column(orderable=False, empty_values=())
 
     class Meta:
         model = SyncActivity
         fields = ["id", "created_at", "status", "action_name", "object_name", "actor",
-                  "record_count", "duration_ms", "details", "error_code"]
+                  "record_count", "duration_ms", "details"]
         order_by = "-id"
         attrs = {"class": "table"}
         empty_text = "No activity matches these filters."
 
-    def render_details(self, value):
-        if not value:
+    def render_duration_ms(self, value):
+        return f"{value} ms"
+
+    def render_details(self, value, record):
+        if not value and not record.error_code:
             return "—"
+        error = ""
+        if record.error_code or record.error_message:
+            error = f"{record.error_code} {record.error_message}".strip()
         return format_html(
-            '<details><summary>Show</summary><pre class="details">{}</pre></details>',
+            '<details><summary>{}</summary><pre class="details">{}{}</pre></details>',
+            f"Show · {record.error_code}" if record.error_code else "Show",
+            f"error: {error}\n\n" if error else "",
             json.dumps(value, indent=2, sort_keys=True),
         )
 

@@ -38,13 +38,14 @@ def test_the_activity_log_sorts_by_id_status_action_and_object(client):
 
 def test_the_activity_log_filters_by_status_and_shows_details(client):
     activity(status="ERROR", details={"sent": {"records": 3}}, actor="ops", record_count=3,
-             duration_ms=120)
+             duration_ms=120, error_code="5001", error_message="Aria timed out")
     activity(status="COMPLETE")
     response = client.get(reverse("console:activity"), {"status": "ERROR"})
     assert len(list(response.context["table"].rows)) == 1
     html = response.content.decode()
     assert "<details>" in html and "&quot;records&quot;: 3" in html
-    assert ">ops<" in html and ">120<" in html
+    assert ">ops<" in html and ">120 ms<" in html
+    assert "error: 5001 Aria timed out" in html
 
 
 def test_the_activity_log_filters_by_date(client):
