@@ -1,7 +1,6 @@
 """Operator console (SPEC §4): server-rendered pages over filters.py, tables.py and reprocess.py."""
 
 import csv
-import json
 from datetime import timedelta
 
 import django_filters
@@ -397,7 +396,8 @@ class ConfigView(ConsoleMixin, FormView):
 
 
 def _plain(value):
-    return value if isinstance(value, bool | int | str | None) else json.dumps(str(value))
+    """Return a value the activity log's JSON can hold (the form's fields are all plain)."""
+    return value if isinstance(value, bool | int | str | None) else str(value)
 
 
 # --- accounts ----------------------------------------------------------------------------
