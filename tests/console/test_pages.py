@@ -252,3 +252,16 @@ def test_a_forbidden_reprocess_explains_the_missing_permission(viewer_client):
     response = viewer_client.post(reverse("console:reprocess"), {"level": "ALL"})
     assert response.status_code == 403
     assert "Not allowed" in response.content.decode()
+
+
+def test_fragments_and_exports_need_a_login_too():
+    batch = make_batch(errors={"1009": 1})
+    for url in (reverse("console:batch-summary", args=[batch.pk]),
+                reverse("console:run-progress", args=[1]),
+                reverse("console:records-csv"),
+                reverse("console:reprocess") + "?level=ALL"):
+        response = Client().get(url)
+        assert response.status_code == 302, url
+        assert response["Location"].startswith(reverse("login"))
+    assert Client().post(reverse("console:reprocess"), {"level": "ALL"}).status_code == 302
+    assert UsageRecord.objects.get().status == RecordStatus.ERROR
