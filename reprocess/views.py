@@ -183,8 +183,8 @@ def _reprocess_url(**params) -> str:
 class ReprocessView(ConsoleMixin, PermissionRequiredMixin, View):
     """Confirm a reprocess with its dry-run counts (GET), then queue it (POST)."""
 
+    # Logged in without the permission: 403 (AccessMixin); anonymous: the login page.
     permission_required = REPROCESS_PERM
-    raise_exception = True
 
     def scope(self, data) -> dict:
         batch = data.get("batch", "")
