@@ -328,7 +328,7 @@ def application_children(port: int, var_dir: Path) -> list[Child]:
         Child(
             name="web",
             argv=[*manage, "runserver", f"127.0.0.1:{port}", "--noreload"],
-            is_ready=lambda: http_answers(f"http://127.0.0.1:{port}/admin/login/"),
+            is_ready=lambda: http_answers(f"http://127.0.0.1:{port}/login/"),
         ),
         # Three pool processes: two hold long-running Kafka consumer tasks
         # (SYNC_CONSUMERS_PER_WORKER), the third runs the publish sweep and aggregation.
@@ -466,7 +466,7 @@ def announce(port: int, shared: dict[str, str], started: set[str]) -> None:
     lines = [
         "",
         "Allegro Usage Sync is running.",
-        f"  Console:     {base}/admin/   (Django admin; the operator console comes later)",
+        f"  Console:     {base}/   (Django admin: {base}/admin/)",
         f"  API schema:  {base}/api/v1/schema/",
         f"  Login:       {DEMO_USERNAME} / {DEMO_PASSWORD}",
         f"  Core Aria:   {aria}",

@@ -180,9 +180,10 @@ def test_it_starts_every_service_syncs_the_demo_data_and_ctrl_c_stops_them_all(d
     # its own Redis, tansu broker and core Aria simulator.
     assert {"redis", "tansu", "aria-sim", "web", "worker", "beat"} <= set(children)
     console_url = CONSOLE.search(announcement)[1]
-    assert console_url.endswith("/admin/")
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", console_url)
     with urllib.request.urlopen(console_url + "login/", timeout=10) as response:
         assert response.status == 200
+        assert b"Allegro" in response.read()
     for name, pid in children.items():
         assert live_pids_in_group(pid), f"{name} is not running"
 
