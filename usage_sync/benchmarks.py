@@ -1,4 +1,5 @@
-"""Benchmarks of the hot paths: ingest over HTTP, aggregation on PostgreSQL, and sync.
+"""Benchmarks of the hot paths: ingest over HTTP, aggregation on PostgreSQL, sync, and
+reprocess-all (the API over HTTP, then the re-sync).
 
 `manage.py bench` creates a dedicated database with `bench_database`, runs itself again
 with DATABASE_URL pointed at it (so settings, connections and the gunicorn workers all see
@@ -43,8 +44,9 @@ from confluent_kafka import ConsumerGroupState
 from confluent_kafka.admin import AdminClient
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.db import connection, transaction
-from django.db.models import Sum
+from django.db.models import Q, Sum
 from django.test import override_settings
 from django.utils import timezone
 from psycopg import sql
@@ -54,6 +56,7 @@ from .aggregation import _Sql, aggregate_usage, window_boundary
 from .models import (
     AggregatedBatch,
     AggregationConfig,
+    BatchStatus,
     RecordStatus,
     SyncActivity,
     UsageEvent,
@@ -76,6 +79,11 @@ SYNC_RECORDS = 200_000
 SYNC_BATCH_SIZE = 1_000
 SYNC_TARGET_RATIO = 0.5
 SYNC_TARGET_RSS_MB = 300
+REPROCESS_RECORDS = 100_000
+REPROCESS_API_TARGET_SECONDS = 2.0
+# The reprocessed records' accounts: REPROC-000 … REPROC-009, unknown to the simulator at
+# first (so every record fails with 1009), added to it before the reprocess.
+REPROCESS_ACCOUNT_PREFIX = "REPROC-"
 # The generated usage: 2,000 accounts × 5 usage types over 24 hourly windows.
 ACCOUNTS = 2_000
 USAGE_TYPES = ("API_CALLS", "STORAGE_GB", "EGRESS_GB", "SEATS", "MINUTES")
@@ -262,11 +270,14 @@ def _ingest_bodies(*, events: int, request_size: int) -> list[bytes]:
 
 
 @contextmanager
-def _gunicorn(*, database_url: str, workers: int) -> Iterator[str]:
+def _gunicorn(
+    *, database_url: str, workers: int, extra_env: dict | None = None
+) -> Iterator[str]:
     """Run the app under gunicorn on a free loopback port; yield its base URL."""
     port = _free_port()
     env = {
         **os.environ,
+        **(extra_env or {}),
         "DATABASE_URL": database_url,
         "DEBUG": "false",
         "SECRET_KEY": secrets.token_urlsafe(50),
@@ -673,11 +684,12 @@ def bench_sync(*, database_url: str, records: int = SYNC_RECORDS) -> dict:
     }
 
 
-def _aggregate_sync_records(records: int) -> list[int]:
+def _aggregate_sync_records(records: int, *, account_prefix: str = "BENCH-") -> list[int]:
     """Generate one event per record to be, aggregate them; return the batch ids.
 
     Each hourly window holds SYNC_BATCH_SIZE events of distinct (account, usage type)
-    groups, so aggregation makes one record of each and fills whole batches.
+    groups, so aggregation makes one record of each and fills whole batches. The accounts
+    are `account_prefix` followed by 000 … 009 (BENCH-: those the simulator knows).
     """
     config = _configure_aggregation()
     windows = math.ceil(records / SYNC_BATCH_SIZE)
@@ -693,7 +705,7 @@ def _aggregate_sync_records(records: int) -> list[int]:
                 usage_date, amount, rate, qualifier_1, qualifier_2, qualifier_3, qualifier_4,
                 comments, received_at)
             SELECT 'sync-' || i,
-                   'BENCH-' || lpad((i %% {accounts})::text, 3, '0'),
+                   %(prefix)s || lpad((i %% {accounts})::text, 3, '0'),
                    NULL,
                    'BENCH_' || lpad((i / {accounts} %% {SYNC_USAGE_TYPES})::text, 3, '0'),
                    NULL,
@@ -706,7 +718,11 @@ def _aggregate_sync_records(records: int) -> list[int]:
                    '', '', '', '', now()
             FROM generate_series(0, %(count)s - 1) AS i
             """,
-            {"start": boundary - windows * config.frequency, "count": records},
+            {
+                "start": boundary - windows * config.frequency,
+                "count": records,
+                "prefix": account_prefix,
+            },
         )
     started = time.perf_counter()
     result = aggregate_usage(now=now, actor="bench")
@@ -755,6 +771,44 @@ def _sync_end_to_end(
     logs: Path,
 ) -> dict:
     """Run one worker and its consumer; time publishing until every record is COMPLETE."""
+    with _sync_worker(
+        database_url=database_url, bootstrap=bootstrap, aria_url=aria_url, logs=logs
+    ) as (worker, join_seconds, idle):
+        with _TreeMemory(worker.pid) as memory:
+            started = time.perf_counter()
+            published = publish_batches(batch_ids)
+            if len(published) != len(batch_ids):
+                raise BenchmarkError(
+                    f"the broker acknowledged {len(published)} of {len(batch_ids)} ids"
+                )
+            _wait_until_synced(batch_ids, records=records, worker=worker)
+            seconds = time.perf_counter() - started
+    logger.info(
+        "sync: worker memory, %d samples: peak RSS %.0f MB, PSS %.0f MB; per-process HWM %s MB",
+        memory.samples, memory.peak_rss_kb / 1024, memory.peak_pss_kb / 1024,
+        sorted(round(kb / 1024) for kb in memory.hwm_kb.values()),
+    )
+    return {
+        "seconds": seconds,
+        "join_seconds": join_seconds,
+        "idle_rss_mb": idle.peak_rss_kb / 1024,
+        "peak_rss_mb": memory.peak_rss_kb / 1024,
+        "peak_pss_mb": memory.peak_pss_kb / 1024,
+        "process_hwm_mb": sorted((round(kb / 1024, 1) for kb in memory.hwm_kb.values()),
+                                 reverse=True),
+    }
+
+
+@contextmanager
+def _sync_worker(
+    *, database_url: str, bootstrap: str, aria_url: str, logs: Path
+) -> Iterator[tuple[subprocess.Popen, float, _TreeMemory]]:
+    """Run one Celery worker whose consumers are in their group on a topic of this run's own.
+
+    Yields the worker, the seconds its consumers took to join, and its idle memory. Inside
+    the block, settings.KAFKA_BOOTSTRAP_SERVERS and KAFKA_AGGREGATED_TOPIC name the broker
+    and topic (read them to point another process, e.g. gunicorn, at the same topic).
+    """
     tag = secrets.token_hex(4)
     redis_url = _bench_redis_url()
     hostname = f"bench-sync-{tag}@{socket.gethostname()}"
@@ -792,32 +846,10 @@ def _sync_end_to_end(
                 for _ in range(settings.SYNC_CONSUMERS_PER_WORKER):
                     app.send_task(CONSUME_TASK, queue=queue_name)
                 join_seconds = _wait_for_consumer_group(bootstrap, group=group, worker=worker)
-                with _TreeMemory(worker.pid) as memory:
-                    started = time.perf_counter()
-                    published = publish_batches(batch_ids)
-                    if len(published) != len(batch_ids):
-                        raise BenchmarkError(
-                            f"the broker acknowledged {len(published)} of {len(batch_ids)} ids"
-                        )
-                    _wait_until_synced(batch_ids, records=records, worker=worker)
-                    seconds = time.perf_counter() - started
+                yield worker, join_seconds, idle
     finally:
         app.close()
         _delete_redis_keys(redis_url, containing=tag)
-    logger.info(
-        "sync: worker memory, %d samples: peak RSS %.0f MB, PSS %.0f MB; per-process HWM %s MB",
-        memory.samples, memory.peak_rss_kb / 1024, memory.peak_pss_kb / 1024,
-        sorted(round(kb / 1024) for kb in memory.hwm_kb.values()),
-    )
-    return {
-        "seconds": seconds,
-        "join_seconds": join_seconds,
-        "idle_rss_mb": idle.peak_rss_kb / 1024,
-        "peak_rss_mb": memory.peak_rss_kb / 1024,
-        "peak_pss_mb": memory.peak_pss_kb / 1024,
-        "process_hwm_mb": sorted((round(kb / 1024, 1) for kb in memory.hwm_kb.values()),
-                                 reverse=True),
-    }
 
 
 def _wait_for_worker(app: Celery, *, hostname: str, worker: subprocess.Popen) -> None:
@@ -879,6 +911,172 @@ def _wait_until_synced(
     ).count()
     if left:
         raise BenchmarkError(f"the batch counters say all complete, yet {left} records are not")
+
+
+# --- reprocess-all ---------------------------------------------------------------------
+
+
+def bench_reprocess(*, database_url: str, records: int = REPROCESS_RECORDS) -> dict:
+    """Reprocess-all over `records` ERROR records (1009) in batches of SYNC_BATCH_SIZE.
+
+    The records are aggregated set-based, as for the sync benchmark, for accounts the
+    simulator does not know, and set to ERROR 1009 with Aria's message by one UPDATE (the
+    batch counters by another), as a sync against the simulator would have left them. The
+    accounts are then added to the simulator, and with a worker's consumers in their group,
+    `POST /api/v1/reprocess/all/` goes to gunicorn over HTTP: api_seconds runs until its
+    202, resync_seconds from sending it until every record is COMPLETE.
+    """
+    batch_ids = _aggregate_sync_records(records, account_prefix=REPROCESS_ACCOUNT_PREFIX)
+    _fail_as_unknown_accounts(batch_ids, records=records)
+    expected_ids = list(
+        UsageRecord.objects.filter(batch_id__in=batch_ids).values_list(
+            "client_record_id", flat=True
+        )
+    )
+    accounts = sorted(
+        UsageRecord.objects.filter(batch_id__in=batch_ids)
+        .order_by()
+        .values_list("client_acct_id", flat=True)
+        .distinct()
+    )
+    token = _reprocess_token()
+    with tempfile.TemporaryDirectory(prefix="allegro-bench-reprocess-") as log_dir:
+        logs = Path(log_dir)
+        try:
+            with _tansu(log=logs / "tansu.log") as bootstrap, _simulator(
+                log=logs / "simulator.log"
+            ) as simulator:
+                _add_simulator_accounts(simulator, accounts)
+                with _sync_worker(
+                    database_url=database_url, bootstrap=bootstrap,
+                    aria_url=f"{simulator}/v1/core", logs=logs,
+                ) as (worker, _join_seconds, _idle):
+                    # gunicorn publishes after commit: to this run's broker and topic.
+                    kafka = {
+                        "KAFKA_BOOTSTRAP_SERVERS": settings.KAFKA_BOOTSTRAP_SERVERS,
+                        "KAFKA_AGGREGATED_TOPIC": settings.KAFKA_AGGREGATED_TOPIC,
+                    }
+                    with _gunicorn(
+                        database_url=database_url, workers=1, extra_env=kafka
+                    ) as base_url:
+                        api_seconds, resync_seconds = _time_reprocess_all(
+                            base_url, token=token, batch_ids=batch_ids, records=records,
+                            worker=worker,
+                        )
+                billed_once = _billed_once(simulator, expected_ids=expected_ids)
+        except BenchmarkError as exc:
+            raise BenchmarkError(f"{exc}\n{_log_tails(logs)}") from exc
+    incomplete = (
+        AggregatedBatch.objects.filter(id__in=batch_ids)
+        .filter(Q(pending_count__gt=0) | Q(error_count__gt=0) | ~Q(status=BatchStatus.COMPLETE))
+        .count()
+    )
+    if incomplete:
+        raise BenchmarkError(f"reprocess: {incomplete} batches are left incomplete")
+    rate = records / resync_seconds
+    logger.info(
+        "reprocess: the API answered in %.2f s; all %d records COMPLETE after %.1f s "
+        "(%.0f records/s)", api_seconds, records, resync_seconds, rate,
+    )
+    return {
+        "benchmark": "reprocess_all",
+        "records": records,
+        "batches": len(batch_ids),
+        "batch_size": SYNC_BATCH_SIZE,
+        "errors_made_by": "one UPDATE (ERROR 1009, Aria's message) and one counter UPDATE",
+        "server": "gunicorn sync, 1 worker; celery prefork, concurrency 3",
+        "api_seconds": round(api_seconds, 3),
+        "api_target_seconds": REPROCESS_API_TARGET_SECONDS,
+        "api_met": api_seconds < REPROCESS_API_TARGET_SECONDS,
+        "resync_seconds": round(resync_seconds, 3),
+        "resync_records_per_s": round(rate),
+        "batches_incomplete": incomplete,
+        "billed_once": billed_once,
+    }
+
+
+def _fail_as_unknown_accounts(batch_ids: list[int], *, records: int) -> None:
+    """Leave every record ERROR 1009 with the message the simulator gives an unknown
+    account, and its batch's counters recomputed, as after one sync: two UPDATEs."""
+    record_table, batch_table = UsageRecord._meta.db_table, AggregatedBatch._meta.db_table
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            UPDATE {record_table}
+            SET status = %(error)s, sync_error_code = '1009',
+                sync_error_message = 'Account not found: ClientId ' || client_acct_id,
+                attempts = attempts + 1, sent_at = NULL, updated_at = now()
+            WHERE batch_id = ANY(%(ids)s)
+            """,
+            {"error": RecordStatus.ERROR, "ids": batch_ids},
+        )
+        failed = cursor.rowcount
+        cursor.execute(
+            f"""
+            UPDATE {batch_table} AS b
+            SET total_count = c.total, error_count = c.errors,
+                pending_count = c.total - c.errors, completed_count = 0, ignored_count = 0,
+                status = %(error)s, published_at = now(), synced_at = now(),
+                updated_at = now()
+            FROM (SELECT batch_id, COUNT(*) AS total,
+                         COUNT(*) FILTER (WHERE status = %(error)s) AS errors
+                  FROM {record_table} WHERE batch_id = ANY(%(ids)s) GROUP BY batch_id) AS c
+            WHERE b.id = c.batch_id
+            """,
+            {"error": RecordStatus.ERROR, "ids": batch_ids},
+        )
+    if failed != records:
+        raise BenchmarkError(f"reprocess: {failed} records set to ERROR, expected {records}")
+    with connection.cursor() as cursor:
+        # As autovacuum would have by now: the planner sees the ERROR rows.
+        cursor.execute(f"VACUUM ANALYZE {record_table}, {batch_table}")
+    logger.info(
+        "reprocess: %d records in %d batches set to ERROR 1009 by one UPDATE (not synced "
+        "through the worker), batch counters recomputed by one UPDATE", failed, len(batch_ids),
+    )
+
+
+def _reprocess_token() -> str:
+    user = get_user_model().objects.create_user(
+        "bench-reprocess", password=secrets.token_urlsafe()
+    )
+    user.user_permissions.add(
+        Permission.objects.get(content_type__app_label="reprocess", codename="reprocess_usage")
+    )
+    return Token.objects.create(user=user).key
+
+
+def _add_simulator_accounts(simulator: str, accounts: list[str]) -> None:
+    answer = requests.post(f"{simulator}/_sim/config", json={"accounts": accounts}, timeout=30)
+    if answer.status_code != 200:
+        raise BenchmarkError(f"the simulator refused the accounts: {answer.text[:500]}")
+
+
+def _time_reprocess_all(
+    base_url: str, *, token: str, batch_ids: list[int], records: int, worker: subprocess.Popen
+) -> tuple[float, float]:
+    """POST reprocess-all; return the seconds until its 202 and until all records COMPLETE."""
+    with requests.Session() as session:
+        session.headers["Authorization"] = f"Token {token}"
+        # The worker's first request loads the URLconf, DRF and auth: keep that off the clock.
+        for _ in range(3):
+            session.get(f"{base_url}/api/v1/batches/?page_size=1", timeout=60).raise_for_status()
+        started = time.perf_counter()
+        answer = session.post(
+            f"{base_url}/api/v1/reprocess/all/", json={"reason": "bench"}, timeout=300
+        )
+        api_seconds = time.perf_counter() - started
+    if answer.status_code != 202:
+        raise BenchmarkError(f"reprocess-all answered {answer.status_code}: {answer.text[:500]}")
+    body = answer.json()
+    if (body["records"], body["batches"]) != (records, len(batch_ids)):
+        raise BenchmarkError(
+            f"reprocess-all queued {body['records']} records in {body['batches']} batches, "
+            f"expected {records} in {len(batch_ids)}"
+        )
+    logger.info("reprocess: run %s answered 202 in %.3f s", body["run_id"], api_seconds)
+    _wait_until_synced(batch_ids, records=records, worker=worker)
+    return api_seconds, time.perf_counter() - started
 
 
 class _TreeMemory:

@@ -30,6 +30,11 @@ SYNC_KEYS = {
     "call_ms_p50", "bare_call_ms_p50", "worker_peak_rss_mb", "worker_peak_pss_mb",
     "target_rss_mb", "rss_met", "billed_once", "machine",
 }
+REPROCESS_KEYS = {
+    "benchmark", "records", "batches", "batch_size", "api_seconds", "api_target_seconds",
+    "api_met", "resync_seconds", "resync_records_per_s", "batches_incomplete", "billed_once",
+    "machine",
+}
 
 
 @pytest.fixture
@@ -40,7 +45,7 @@ def database_name():
     return f"allegro_bench_test_{uuid.uuid4().hex[:12]}"
 
 
-def bench(*args: str, **env: str) -> subprocess.CompletedProcess:
+def bench(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "manage.py", "bench", *args]
     process = subprocess.Popen(
         command,
@@ -52,14 +57,14 @@ def bench(*args: str, **env: str) -> subprocess.CompletedProcess:
         start_new_session=True,
     )
     try:
-        stdout, stderr = process.communicate(timeout=120)
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.terminate()  # the command stops its gunicorn and drops its database
         try:
             process.communicate(timeout=60)
         finally:
             os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail("bench did not finish within 120 s")
+        pytest.fail(f"bench did not finish within {timeout:.0f} s")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
@@ -80,7 +85,7 @@ def processes_using(database_name: str) -> list[int]:
 
 
 def test_it_prints_a_json_line_per_run_and_drops_its_database(database_name):
-    run = bench("--events", "2000", "--database-name", database_name)
+    run = bench("--events", "2000", "--database-name", database_name, timeout=180)
 
     assert run.returncode == 0, run.stderr
     results = [json.loads(line) for line in run.stdout.splitlines()]
@@ -89,6 +94,7 @@ def test_it_prints_a_json_line_per_run_and_drops_its_database(database_name):
         ("ingest_api", 2),
         ("aggregation", None),
         ("sync_end_to_end", None),
+        ("reprocess_all", None),
     ]
     for ingest in results[:2]:
         assert INGEST_KEYS <= ingest.keys()
@@ -130,5 +136,24 @@ def test_it_syncs_through_a_worker_bills_each_record_once_and_stops_what_it_star
     assert result["billed_once"] is True
     assert result["records_per_s"] > 0 and result["bare_records_per_s"] > 0
     assert result["worker_peak_rss_mb"] >= result["worker_peak_pss_mb"] > 0
+    assert not bench_database_exists(database_name)
+    assert processes_using(database_name) == []
+
+
+def test_it_reprocesses_all_error_records_and_resyncs_each_once(database_name):
+    run = bench("--only", "reprocess", "--records", "2000", "--database-name", database_name)
+
+    assert run.returncode == 0, run.stderr
+    [result] = [json.loads(line) for line in run.stdout.splitlines()]
+    assert REPROCESS_KEYS <= result.keys()
+    assert result["benchmark"] == "reprocess_all"
+    assert (result["records"], result["batches"], result["batch_size"]) == (2000, 2, 1000)
+    assert result["api_target_seconds"] == 2.0
+    assert result["api_met"] is (result["api_seconds"] < 2.0)
+    assert result["resync_seconds"] >= result["api_seconds"] > 0
+    assert result["resync_records_per_s"] > 0
+    assert result["batches_incomplete"] == 0
+    assert result["billed_once"] is True
+    assert "set to ERROR 1009 by one UPDATE" in run.stderr
     assert not bench_database_exists(database_name)
     assert processes_using(database_name) == []

@@ -15,21 +15,25 @@ from usage_sync import benchmarks
 
 class Command(BaseCommand):
     help = (
-        "Benchmark ingest over HTTP, aggregation, and sync end to end (Kafka, a Celery "
-        "worker, the core Aria simulator) in a dedicated PostgreSQL database "
+        "Benchmark ingest over HTTP, aggregation, sync end to end (Kafka, a Celery "
+        "worker, the core Aria simulator) and reprocess-all (the API over HTTP, then the "
+        "re-sync) in a dedicated PostgreSQL database "
         "(created and dropped here; your own database is never touched). "
         "Prints one JSON object per line on stdout; notes go to stderr."
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--only", choices=["ingest", "aggregation", "sync"])
+        parser.add_argument("--only", choices=["ingest", "aggregation", "sync", "reprocess"])
         parser.add_argument(
             "--events",
+            "--records",
+            dest="events",
             type=int,
             help=f"events per benchmark, to scale down a quick run (default "
             f"{benchmarks.INGEST_EVENTS:,} for ingest, {benchmarks.AGGREGATION_EVENTS:,} "
             f"for aggregation, {benchmarks.SYNC_RECORDS:,} for sync, where each event "
-            f"becomes one record, {benchmarks.SYNC_BATCH_SIZE:,} to a batch)",
+            f"becomes one record, {benchmarks.SYNC_BATCH_SIZE:,} to a batch, and "
+            f"{benchmarks.REPROCESS_RECORDS:,} ERROR records for reprocess)",
         )
         parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
         parser.add_argument(
@@ -101,6 +105,12 @@ class Command(BaseCommand):
                 result = benchmarks.bench_sync(
                     database_url=os.environ["DATABASE_URL"],
                     records=events or benchmarks.SYNC_RECORDS,
+                )
+                self._emit({**result, "machine": machine})
+            if only in (None, "reprocess"):
+                result = benchmarks.bench_reprocess(
+                    database_url=os.environ["DATABASE_URL"],
+                    records=events or benchmarks.REPROCESS_RECORDS,
                 )
                 self._emit({**result, "machine": machine})
         except benchmarks.BenchmarkError as exc:
