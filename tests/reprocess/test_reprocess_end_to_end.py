@@ -4,24 +4,20 @@ simulator, then reprocesses through the API at each level in turn: exactly the s
 records are sent again, once; COMPLETE records never are; done batches leave the
 incomplete list."""
 
-import uuid
 from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
 import redis
-from django.db import connection
 
 from tests.reprocess.factories import grant_reprocess
-from tests.services import Broker, Simulator, Worker, wait_for
+from tests.services import SyncStack
 from usage_sync.aggregation import aggregate_usage
 from usage_sync.ingest import store_events, validate_events
-from usage_sync.models import AggregatedBatch, AggregationConfig, RecordStatus, UsageRecord
+from usage_sync.models import AggregatedBatch, AggregationConfig, UsageRecord
 from usage_sync.publishing import publish_batches
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
-AUTH_KEY = "e2e-auth-key"
-CLIENT_NO = 4242
 REDIS_DB_URL = "redis://127.0.0.1:6379/12"
 # Per window: one record Aria knows, one of an account it learns later (1009), and one of a
 # usage type it learns later (the simulator's 1017).
@@ -30,37 +26,7 @@ GROUPS = [("ACME-001", "API_CALLS"), ("NEWCO-001", "API_CALLS"), ("ACME-002", "N
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 
 
-class Pipeline:
-    """The minimal pieces of tests/usage_sync/test_sync_end_to_end.py's Pipeline."""
-
-    def __init__(self, tmp_path, settings, broker: Broker, simulator: Simulator):
-        self.tmp_path = tmp_path
-        self.simulator = simulator
-        self.workers: list[Worker] = []
-        tag = uuid.uuid4().hex[:8]
-        settings.KAFKA_BOOTSTRAP_SERVERS = broker.bootstrap
-        settings.KAFKA_AGGREGATED_TOPIC = f"reprocess-{tag}"
-        settings.KAFKA_AGGREGATED_TOPIC_PARTITIONS = 3
-        db = connection.settings_dict
-        self.env = {
-            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-            "REDIS_URL": REDIS_DB_URL,
-            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-            "KAFKA_AGGREGATED_TOPIC": settings.KAFKA_AGGREGATED_TOPIC,
-            "KAFKA_CONSUMER_GROUP": f"sync-{tag}",
-            "KAFKA_SESSION_TIMEOUT_MS": "6000",
-            "ARIA_API_URL": simulator.url,
-            "ARIA_CLIENT_NO": str(CLIENT_NO),
-            "ARIA_AUTH_KEY": AUTH_KEY,
-            "ARIA_TIMEOUT_SECONDS": "2",
-            "SYNC_CLAIM_STALE_SECONDS": "4",
-            "SYNC_RETRY_BASE_SECONDS": "1",
-            "SYNC_REPUBLISH_AFTER_SECONDS": "6",
-            "SYNC_SWEEP_INTERVAL_SECONDS": "1",
-            "SYNC_CONSUMER_RESTART_SECONDS": "1",
-            "SYNC_CONSUMER_LIFETIME_SECONDS": "120",
-        }
-
+class Pipeline(SyncStack):
     def ingest_and_aggregate(self, *, windows: int) -> list[int]:
         raw = [
             {
@@ -82,23 +48,6 @@ class Pipeline:
         config.save()
         return aggregate_usage(now=NOW).batch_ids
 
-    def start_worker(self) -> Worker:
-        worker = Worker(
-            f"reprocess-{len(self.workers)}", env=self.env, log=self.tmp_path / "worker.log"
-        ).start()
-        self.workers.append(worker)
-        return worker
-
-    def wait_until_settled(self, timeout: float = 90):
-        def settled():
-            return not UsageRecord.objects.filter(status=RecordStatus.PENDING).exists()
-
-        try:
-            wait_for(settled, timeout=timeout, what="every record to settle", interval=0.5)
-        except TimeoutError:
-            log = (self.tmp_path / "worker.log").read_text()[-4000:]
-            raise AssertionError(f"records still PENDING\n{log}") from None
-
     def sends(self) -> Counter:
         """How many bulk_record_usage_m calls carried each client_record_id."""
         return Counter(
@@ -108,24 +57,13 @@ class Pipeline:
             for cid in call["client_record_ids"]
         )
 
-    def close(self):
-        for worker in self.workers:
-            worker.stop()
-
-
-@pytest.fixture
-def simulator(tmp_path):
-    simulator = Simulator(
-        "--client-no", str(CLIENT_NO), "--auth-key", AUTH_KEY, log=tmp_path / "simulator.log"
-    ).start()
-    yield simulator
-    simulator.stop()
-
 
 @pytest.fixture
 def pipeline(postgres_only, tmp_path, settings, broker, simulator):
     redis.Redis.from_url(REDIS_DB_URL).flushdb()
-    pipeline = Pipeline(tmp_path, settings, broker, simulator)
+    pipeline = Pipeline(
+        tmp_path, settings, broker, simulator, redis_url=REDIS_DB_URL, partitions=3
+    )
     yield pipeline
     pipeline.close()
 

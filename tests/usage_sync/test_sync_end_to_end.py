@@ -7,17 +7,15 @@ batch counters equal the record counts.
 """
 
 import time
-import uuid
 from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 import redis
-from django.db import connection
 from django.db.models import Count
 
-from tests.services import Broker, Simulator, Worker, wait_for
+from tests.services import SyncStack, wait_for
 from usage_sync.aggregation import aggregate_usage
 from usage_sync.ingest import store_events, validate_events
 from usage_sync.models import (
@@ -30,47 +28,12 @@ from usage_sync.models import (
 from usage_sync.publishing import publish_batches
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
-AUTH_KEY = "e2e-auth-key"
-CLIENT_NO = 4242
 REDIS_DB_URL = "redis://127.0.0.1:6379/13"
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 
 
-class Pipeline:
-    def __init__(self, tmp_path, settings, broker: Broker, simulator: Simulator):
-        self.tmp_path = tmp_path
-        self.settings = settings
-        self.broker = broker
-        self.simulator = simulator
-        self.workers: list[Worker] = []
-        tag = uuid.uuid4().hex[:8]
-        settings.KAFKA_BOOTSTRAP_SERVERS = broker.bootstrap
-        settings.KAFKA_AGGREGATED_TOPIC = f"aggregated-{tag}"
-        settings.KAFKA_AGGREGATED_TOPIC_PARTITIONS = 6
-        settings.ARIA_API_URL = simulator.url
-        settings.ARIA_CLIENT_NO = CLIENT_NO
-        settings.ARIA_AUTH_KEY = AUTH_KEY
-        db = connection.settings_dict
-        self.env = {
-            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-            "REDIS_URL": REDIS_DB_URL,
-            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-            "KAFKA_AGGREGATED_TOPIC": settings.KAFKA_AGGREGATED_TOPIC,
-            "KAFKA_CONSUMER_GROUP": f"sync-{tag}",
-            "KAFKA_SESSION_TIMEOUT_MS": "6000",
-            "ARIA_API_URL": simulator.url,
-            "ARIA_CLIENT_NO": str(CLIENT_NO),
-            "ARIA_AUTH_KEY": AUTH_KEY,
-            "ARIA_TIMEOUT_SECONDS": "2",
-            "SYNC_CLAIM_STALE_SECONDS": "4",
-            "SYNC_RETRY_BASE_SECONDS": "1",
-            "SYNC_REPUBLISH_AFTER_SECONDS": "6",
-            "SYNC_SWEEP_INTERVAL_SECONDS": "1",
-            "SYNC_CONSUMER_RESTART_SECONDS": "1",
-            "SYNC_CONSUMER_LIFETIME_SECONDS": "120",
-        }
-
+class Pipeline(SyncStack):
     def ingest(self, *, accounts: list[str], windows: int = 4, events_per_group: int = 3):
         raw = [
             {
@@ -94,27 +57,6 @@ class Pipeline:
         config.save()
         return aggregate_usage(now=NOW).batch_ids
 
-    def start_worker(self, name: str) -> Worker:
-        worker = Worker(
-            f"{name}-{len(self.workers)}", env=self.env, log=self.tmp_path / f"worker-{name}.log"
-        ).start()
-        self.workers.append(worker)
-        return worker
-
-    def settled(self) -> bool:
-        return not UsageRecord.objects.filter(status=RecordStatus.PENDING).exists()
-
-    def wait_until_settled(self, timeout: float = 90):
-        try:
-            wait_for(self.settled, timeout=timeout, what="every record to settle", interval=0.5)
-        except TimeoutError:
-            logs = "\n".join(
-                (self.tmp_path / f).read_text()[-3000:]
-                for f in sorted(p.name for p in self.tmp_path.glob("worker-*.log"))
-            )
-            pending = UsageRecord.objects.filter(status="PENDING").count()
-            raise AssertionError(f"{pending} records still PENDING\n{logs}") from None
-
     def assert_billed_exactly_once(self):
         records = {r.client_record_id: r for r in UsageRecord.objects.all()}
         stored = Counter(r["client_record_id"] for r in self.simulator.records())
@@ -135,24 +77,11 @@ class Pipeline:
             assert batch.error_count == counts.get("ERROR", 0)
             assert batch.pending_count == 0
 
-    def close(self):
-        for worker in self.workers:
-            worker.stop()
-
-
-@pytest.fixture
-def simulator(tmp_path):
-    simulator = Simulator(
-        "--client-no", str(CLIENT_NO), "--auth-key", AUTH_KEY, log=tmp_path / "simulator.log"
-    ).start()
-    yield simulator
-    simulator.stop()
-
 
 @pytest.fixture
 def pipeline(postgres_only, tmp_path, settings, broker, simulator):
     redis.Redis.from_url(REDIS_DB_URL).flushdb()
-    pipeline = Pipeline(tmp_path, settings, broker, simulator)
+    pipeline = Pipeline(tmp_path, settings, broker, simulator, redis_url=REDIS_DB_URL)
     yield pipeline
     pipeline.close()
 
