@@ -1266,3 +1266,132 @@ def _truncate(*models) -> None:
     tables = ", ".join(model._meta.db_table for model in models)
     with connection.cursor() as cursor:
         cursor.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+
+
+# --- console page times --------------------------------------------------------------------
+
+CONSOLE_RECORDS = 1_000_000
+CONSOLE_BATCHES = 1_000
+CONSOLE_REQUESTS = 20
+CONSOLE_TARGET_MS = 150.0
+CONSOLE_ERROR_CODES = ["1010", "3020", "5001"]
+
+
+def bench_console(*, records: int = CONSOLE_RECORDS, batches: int = CONSOLE_BATCHES,
+                  requests_count: int = CONSOLE_REQUESTS) -> dict:
+    """Server time of the console's heavy pages over `records` records in `batches` batches.
+
+    A third of the batches are incomplete (ERROR records with a few error codes, and PENDING
+    records); each page is requested `requests_count` times by a logged-in test Client.
+    """
+    from django.test import Client
+    from django.urls import reverse
+
+    # At least 100 records a batch, so a scaled-down run still has ERROR and PENDING lines.
+    batches = max(3, min(batches, records // 100))
+    per_batch = max(1, records // batches)
+    seeded = _seed_console_records(batches=batches, per_batch=per_batch)
+    user = get_user_model().objects.create_user("bench-console", password=secrets.token_hex(8))
+    user.user_permissions.add(Permission.objects.get(codename="reprocess_usage"))
+    client = Client()
+    client.force_login(user)
+    batch = (AggregatedBatch.objects.filter(error_count__gt=0).order_by("-window_start").first())
+    if batch is None:
+        raise BenchmarkError("console: no batch with ERROR records was seeded")
+    records_url = reverse("console:records")
+    pages = {
+        "incomplete_batches": reverse("console:batches"),
+        "batch_summary": reverse("console:batch-summary", args=[batch.pk]),
+        "records_by_batch": f"{records_url}?" + urlencode({"batch": batch.pk}),
+        "records_by_status": f"{records_url}?" + urlencode({"status": "ERROR"}),
+    }
+    results = {}
+    with override_settings(ALLOWED_HOSTS=["*"], DEBUG=False):
+        for name, url in pages.items():
+            times = []
+            for i in range(requests_count + 1):
+                started = time.perf_counter()
+                response = client.get(url)
+                elapsed = (time.perf_counter() - started) * 1000
+                if response.status_code != 200:
+                    raise BenchmarkError(f"console {url}: HTTP {response.status_code}")
+                if i:  # the first request warms caches and templates
+                    times.append(elapsed)
+            results[name] = {"p50_ms": round(_percentile(times, 50), 1),
+                             "p95_ms": round(_percentile(times, 95), 1)}
+    return {
+        "benchmark": "console_pages",
+        "records": seeded["records"],
+        "batches": batches,
+        "incomplete_batches": seeded["incomplete_batches"],
+        "requests": requests_count,
+        "pages": results,
+        "target_ms": CONSOLE_TARGET_MS,
+        "met": all(r["p95_ms"] < CONSOLE_TARGET_MS for r in results.values()),
+    }
+
+
+def _seed_console_records(*, batches: int, per_batch: int) -> dict:
+    """Batches and records set-based (generate_series), counters refreshed in one UPDATE."""
+    codes = "ARRAY[" + ",".join(f"'{c}'" for c in CONSOLE_ERROR_CODES) + "]"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO usage_sync_aggregatedbatch
+                (window_start, window_end, sequence, status, total_count, pending_count,
+                 completed_count, error_count, ignored_count, created_at, updated_at,
+                 published_at, sync_attempts)
+            SELECT timestamptz '2026-01-01' + b * interval '1 hour',
+                   timestamptz '2026-01-01' + (b + 1) * interval '1 hour',
+                   1, 'COMPLETE', 0, 0, 0, 0, 0, now(), now(), now(), 0
+            FROM generate_series(1, %s) AS b
+            """,
+            [batches],
+        )
+        # Every third batch is incomplete: 5% ERROR (three codes) and 2% PENDING records.
+        cursor.execute(
+            f"""
+            INSERT INTO usage_sync_usagerecord
+                (batch_id, client_record_id, client_acct_id, usage_type_code, qualifier_1,
+                 qualifier_2, qualifier_3, qualifier_4, usage_units, usage_date, event_count,
+                 status, sync_error_code, sync_error_message, attempts, created_at, updated_at,
+                 completed_at)
+            SELECT b.id, 'CB' || b.id || '-' || i, 'CONSOLE-' || (i %% 50), 'API_CALLS',
+                   '', '', '', '', 1.5, b.window_start, 1,
+                   s.status,
+                   CASE WHEN s.status = 'ERROR' THEN ({codes})[1 + i %% 3] ELSE '' END,
+                   CASE WHEN s.status = 'ERROR' THEN 'error ' || ({codes})[1 + i %% 3]
+                        ELSE '' END,
+                   1, now(), now(),
+                   CASE WHEN s.status = 'COMPLETE' THEN now() END
+            FROM usage_sync_aggregatedbatch b
+            CROSS JOIN generate_series(1, %s) AS i
+            CROSS JOIN LATERAL (SELECT CASE
+                WHEN b.id %% 3 = 0 AND i %% 20 = 0 THEN 'ERROR'
+                WHEN b.id %% 3 = 0 AND i %% 50 = 1 THEN 'PENDING'
+                ELSE 'COMPLETE' END AS status) AS s
+            """,
+            [per_batch],
+        )
+        cursor.execute(
+            """
+            UPDATE usage_sync_aggregatedbatch b SET
+                total_count = c.total, pending_count = c.pending,
+                completed_count = c.complete, error_count = c.error,
+                status = CASE WHEN c.error > 0 THEN 'ERROR'
+                              WHEN c.pending > 0 THEN 'PENDING' ELSE 'COMPLETE' END
+            FROM (SELECT batch_id, count(*) AS total,
+                         count(*) FILTER (WHERE status = 'PENDING') AS pending,
+                         count(*) FILTER (WHERE status = 'COMPLETE') AS complete,
+                         count(*) FILTER (WHERE status = 'ERROR') AS error
+                  FROM usage_sync_usagerecord GROUP BY batch_id) AS c
+            WHERE c.batch_id = b.id
+            """
+        )
+        cursor.execute("ANALYZE usage_sync_aggregatedbatch")
+        cursor.execute("ANALYZE usage_sync_usagerecord")
+        cursor.execute("SELECT count(*) FROM usage_sync_usagerecord")
+        total = cursor.fetchone()[0]
+    incomplete = AggregatedBatch.objects.filter(
+        Q(pending_count__gt=0) | Q(error_count__gt=0)).count()
+    return {"records": total, "incomplete_batches": incomplete}

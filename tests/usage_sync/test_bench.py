@@ -95,6 +95,7 @@ def test_it_prints_a_json_line_per_run_and_drops_its_database(database_name):
         ("aggregation", None),
         ("sync_end_to_end", None),
         ("reprocess_all", None),
+        ("console_pages", None),
     ]
     for ingest in results[:2]:
         assert INGEST_KEYS <= ingest.keys()
@@ -157,3 +158,22 @@ def test_it_reprocesses_all_error_records_and_resyncs_each_once(database_name):
     assert "set to ERROR 1009 by one UPDATE" in run.stderr
     assert not bench_database_exists(database_name)
     assert processes_using(database_name) == []
+
+
+CONSOLE_KEYS = {
+    "benchmark", "records", "batches", "incomplete_batches", "requests", "pages", "target_ms",
+    "met", "machine",
+}
+
+
+def test_it_times_the_console_pages(database_name):
+    run = bench("--only", "console", "--records", "2000", "--database-name", database_name)
+    assert run.returncode == 0, run.stderr
+    [result] = [json.loads(line) for line in run.stdout.splitlines()]
+    assert set(result) == CONSOLE_KEYS
+    assert result["benchmark"] == "console_pages"
+    assert result["records"] == 2000
+    assert set(result["pages"]) == {
+        "incomplete_batches", "batch_summary", "records_by_batch", "records_by_status"}
+    assert all({"p50_ms", "p95_ms"} <= set(p) for p in result["pages"].values())
+    assert not bench_database_exists(database_name)

@@ -23,7 +23,9 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--only", choices=["ingest", "aggregation", "sync", "reprocess"])
+        parser.add_argument(
+            "--only", choices=["ingest", "aggregation", "sync", "reprocess", "console"]
+        )
         parser.add_argument(
             "--events",
             "--records",
@@ -112,6 +114,9 @@ class Command(BaseCommand):
                     database_url=os.environ["DATABASE_URL"],
                     records=events or benchmarks.REPROCESS_RECORDS,
                 )
+                self._emit({**result, "machine": machine})
+            if only in (None, "console"):
+                result = benchmarks.bench_console(records=events or benchmarks.CONSOLE_RECORDS)
                 self._emit({**result, "machine": machine})
         except benchmarks.BenchmarkError as exc:
             raise CommandError(str(exc)) from exc
