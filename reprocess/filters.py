@@ -14,17 +14,31 @@ def start_of_day(day) -> datetime:
     return datetime.combine(day, time.min, tzinfo=timezone.get_current_timezone())
 
 
+def day_range(field: str, noun: str) -> tuple[django_filters.DateFilter, django_filters.DateFilter]:
+    """Return Start/End Date filters on `field`: on or after the start day 00:00:00, before
+    the end day 00:00:00 (the seed's filter semantics)."""
+
+    def on_or_after(queryset, name, value):
+        return queryset.filter(**{f"{field}__gte": start_of_day(value)})
+
+    def before(queryset, name, value):
+        return queryset.filter(**{f"{field}__lt": start_of_day(value)})
+
+    return (
+        django_filters.DateFilter(
+            method=on_or_after, label="Start date",
+            help_text=f"{noun} on or after this date, 00:00:00.",
+        ),
+        django_filters.DateFilter(
+            method=before, label="End date", help_text=f"{noun} before this date, 00:00:00.",
+        ),
+    )
+
+
 class BatchFilter(django_filters.FilterSet):
     """Incomplete-batch view: Start Date, End Date, Sync Status (seed: "Filters")."""
 
-    start_date = django_filters.DateFilter(
-        method="filter_start_date", label="Start date",
-        help_text="Batches whose window starts on or after this date, 00:00:00.",
-    )
-    end_date = django_filters.DateFilter(
-        method="filter_end_date", label="End date",
-        help_text="Batches whose window starts before this date, 00:00:00.",
-    )
+    start_date, end_date = day_range("window_start", "Batches whose window starts")
     status = django_filters.ChoiceFilter(choices=BatchStatus.choices, label="Sync status")
     incomplete = django_filters.BooleanFilter(
         method="filter_incomplete", label="Incomplete",
@@ -38,12 +52,6 @@ class BatchFilter(django_filters.FilterSet):
     class Meta:
         model = AggregatedBatch
         fields = ["start_date", "end_date", "status", "incomplete"]
-
-    def filter_start_date(self, queryset, name, value):
-        return queryset.filter(window_start__gte=start_of_day(value))
-
-    def filter_end_date(self, queryset, name, value):
-        return queryset.filter(window_start__lt=start_of_day(value))
 
     def filter_incomplete(self, queryset, name, value):
         # The same condition as batch_incomplete_idx, so the index serves it.
@@ -77,14 +85,7 @@ class ActivityFilter(django_filters.FilterSet):
     """Activity log: status and date filters, sortable by Id, Status, Action, Object."""
 
     status = django_filters.ChoiceFilter(choices=SyncActivity.Status.choices, label="Status")
-    start_date = django_filters.DateFilter(
-        method="filter_start_date", label="Start date",
-        help_text="Entries created on or after this date, 00:00:00.",
-    )
-    end_date = django_filters.DateFilter(
-        method="filter_end_date", label="End date",
-        help_text="Entries created before this date, 00:00:00.",
-    )
+    start_date, end_date = day_range("created_at", "Entries created")
     ordering = django_filters.OrderingFilter(
         fields=["id", "status", "action_name", "object_name"],
     )
@@ -92,9 +93,3 @@ class ActivityFilter(django_filters.FilterSet):
     class Meta:
         model = SyncActivity
         fields = ["status", "start_date", "end_date"]
-
-    def filter_start_date(self, queryset, name, value):
-        return queryset.filter(created_at__gte=start_of_day(value))
-
-    def filter_end_date(self, queryset, name, value):
-        return queryset.filter(created_at__lt=start_of_day(value))

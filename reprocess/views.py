@@ -3,7 +3,6 @@
 import csv
 from datetime import timedelta
 
-import django_filters
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.mixins import LoginRequiredMixin, PermissionRequiredMixin
@@ -33,7 +32,7 @@ from usage_sync.models import (
 )
 
 from .api import error_summary
-from .filters import ActivityFilter, BatchFilter, RecordFilter, start_of_day
+from .filters import ActivityFilter, BatchFilter, RecordFilter, day_range
 from .models import ReprocessLevel, ReprocessRun
 from .reprocess import ReprocessError, reprocess_run_create
 from .tables import AccountTable, ActivityTable, BatchTable, RecordTable
@@ -241,20 +240,8 @@ class RunProgressView(ConsoleMixin, View):
 class ConsoleRecordFilter(RecordFilter):
     """The records FilterSet plus the usage date range the console offers."""
 
-    start_date = django_filters.DateFilter(
-        method="filter_start_date", label="Usage from",
-        help_text="Records whose window starts on or after this date, 00:00:00.",
-    )
-    end_date = django_filters.DateFilter(
-        method="filter_end_date", label="Usage before",
-        help_text="Records whose window starts before this date, 00:00:00.",
-    )
-
-    def filter_start_date(self, queryset, name, value):
-        return queryset.filter(usage_date__gte=start_of_day(value))
-
-    def filter_end_date(self, queryset, name, value):
-        return queryset.filter(usage_date__lt=start_of_day(value))
+    start_date, end_date = day_range("usage_date", "Records whose window starts")
+    start_date.label, end_date.label = "Usage from", "Usage before"
 
 
 class RecordListView(ConsoleMixin, SingleTableMixin, FilterView):
