@@ -23,7 +23,7 @@ from django.db.models import Count, Exists, OuterRef, Q, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from usage_sync import publishing
+from usage_sync import metrics, publishing
 from usage_sync.models import (
     AggregatedBatch,
     BatchStatus,
@@ -88,6 +88,7 @@ def reprocess_run_create(
         run.save(update_fields=["records_selected", "batches_selected", "finished_at"])
         _log_activity(run, batch_ids)
         transaction.on_commit(lambda: _publish(run.pk, batch_ids))
+        transaction.on_commit(lambda: metrics.REPROCESS_RUNS.labels(run.level).inc())
     logger.info(
         "reprocess run %s (%s) by %s: %d records in %d batches queued",
         run.pk,
@@ -95,6 +96,7 @@ def reprocess_run_create(
         actor,
         run.records_selected,
         run.batches_selected,
+        extra={"reprocess_run_id": run.pk, "records": run.records_selected},
     )
     return run
 

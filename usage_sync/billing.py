@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 import requests
 from django.conf import settings
 
+from . import metrics
+
 logger = logging.getLogger(__name__)
 
 HISTORY_PAGE_SIZE = 1000
@@ -158,17 +160,39 @@ class AriaClient:
             **params,
         }
         started = time.monotonic()
+        outcome = "transport"
         try:
-            response = self.session.post(self.url, json=payload, timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise AriaTransportError(f"{rest_call}: {type(exc).__name__}: {exc}") from None
+            body = self._post(rest_call, payload)
+            outcome = str(body["error_code"])
+            return body
         finally:
+            seconds = time.monotonic() - started
             self.last_call = CallReport(
                 rest_call=rest_call,
                 client_receipt_id=client_receipt_id,
                 record_count=record_count,
-                duration_ms=int((time.monotonic() - started) * 1000),
+                duration_ms=int(seconds * 1000),
             )
+            metrics.observe_call(rest_call, seconds, outcome)
+            logger.debug(
+                "%s answered %s in %d ms",
+                rest_call,
+                outcome,
+                seconds * 1000,
+                extra={
+                    "rest_call": rest_call,
+                    "client_receipt_id": client_receipt_id,
+                    "record_count": record_count,
+                    "duration_ms": int(seconds * 1000),
+                    "error_code": outcome,
+                },
+            )
+
+    def _post(self, rest_call: str, payload: dict) -> dict:
+        try:
+            response = self.session.post(self.url, json=payload, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise AriaTransportError(f"{rest_call}: {type(exc).__name__}: {exc}") from None
         if response.status_code != 200:
             raise AriaTransportError(f"{rest_call}: HTTP {response.status_code}")
         try:

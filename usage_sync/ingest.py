@@ -16,6 +16,7 @@ from decimal import Decimal, InvalidOperation
 from django.db import connection, transaction
 from django.utils import timezone
 
+from . import metrics
 from .models import UsageEvent
 
 MAX_EVENTS_PER_REQUEST = 10_000
@@ -227,6 +228,11 @@ def validate_events(raw_events: Iterable[object], *, start: int = 0):
     return valid, errors
 
 
+def _count_ingested(created: int, duplicates: int) -> None:
+    metrics.EVENTS_INGESTED.inc(created)
+    metrics.EVENTS_DUPLICATE.inc(duplicates)
+
+
 def store_events(events: list[ValidEvent]) -> StoreResult:
     """Insert the events not already stored (by `event_id`), atomically; count duplicates.
 
@@ -240,6 +246,9 @@ def store_events(events: list[ValidEvent]) -> StoreResult:
             created = _store_postgresql(events)
         else:
             created = _store_generic(events)
+        duplicates = len(events) - created
+        # Counted when the events are durable, not when an outer transaction may still roll back.
+        transaction.on_commit(lambda: _count_ingested(created, duplicates))
     return StoreResult(received=len(events), created=created, duplicates=len(events) - created)
 
 

@@ -25,6 +25,7 @@ from django.db import transaction
 from django.db.models import Count, F, Max, Min, Q
 from django.utils import timezone
 
+from . import metrics
 from .billing import AriaClient, AriaTransportError, BulkResult
 from .models import AggregatedBatch, BatchStatus, RecordStatus, SyncActivity, UsageRecord
 
@@ -112,10 +113,12 @@ def _reconcile_in_doubt(batch_id: int, client: AriaClient) -> int:
         in_doubt.update(sent_at=None, updated_at=now)
         refresh_batch_counts(batch_id)
     if found:
+        metrics.RECORD_OUTCOMES.labels(RecordStatus.COMPLETE, "reconciled").inc(found)
         logger.warning(
             "batch %s: %d records in doubt were already in core Aria; marked COMPLETE",
             batch_id,
             found,
+            extra={"batch_id": batch_id, "reconciled": found},
         )
     return found
 
@@ -183,14 +186,17 @@ def _store_outcome(batch_id, records, result: BulkResult, *, sent_at: datetime, 
         batch_id=batch_id, status=RecordStatus.PENDING, sent_at=sent_at
     )
     errored = 0
+    errored_by_code: dict[str, int] = defaultdict(int)
     for (code, message), ids in by_error.items():
-        errored += mine.filter(id__in=ids).update(
+        n = mine.filter(id__in=ids).update(
             status=RecordStatus.ERROR,
             sync_error_code=code,
             sync_error_message=message,
             sent_at=None,
             updated_at=now,
         )
+        errored += n
+        errored_by_code[code] += n
     completed = mine.update(
         status=RecordStatus.COMPLETE,
         sync_error_code="",
@@ -227,6 +233,8 @@ def _store_outcome(batch_id, records, result: BulkResult, *, sent_at: datetime, 
             "client_record_ids": list(sent)[:2000],
         },
     )
+    # Counted once the outcome commits, so a rolled-back store counts nothing.
+    transaction.on_commit(lambda: _count_outcomes(completed, errored_by_code))
     logger.info(
         "batch %s synced: %d sent, %d complete, %d error (receipt %s, %s ms)",
         batch_id,
@@ -235,8 +243,24 @@ def _store_outcome(batch_id, records, result: BulkResult, *, sent_at: datetime, 
         errored,
         call.client_receipt_id if call else "",
         call.duration_ms if call else "?",
+        extra={
+            "batch_id": batch_id,
+            "client_receipt_id": call.client_receipt_id if call else "",
+            "duration_ms": call.duration_ms if call else None,
+            "sent": len(records),
+            "completed": completed,
+            "errors": errored,
+        },
     )
     return completed, errored, unknown
+
+
+def _count_outcomes(completed: int, errored_by_code: dict[str, int]) -> None:
+    if completed:
+        metrics.RECORD_OUTCOMES.labels(RecordStatus.COMPLETE, "0").inc(completed)
+    for code, n in errored_by_code.items():
+        if n:
+            metrics.RECORD_OUTCOMES.labels(RecordStatus.ERROR, code).inc(n)
 
 
 def _release_for_retry(batch_id: int, reason: str, client: AriaClient) -> None:
@@ -273,6 +297,12 @@ def _release_for_retry(batch_id: int, reason: str, client: AriaClient) -> None:
         reason,
         attempt,
         retry_delay(attempt),
+        extra={
+            "batch_id": batch_id,
+            "client_receipt_id": call.client_receipt_id if call else "",
+            "duration_ms": call.duration_ms if call else None,
+            "attempt": attempt,
+        },
     )
 
 

@@ -1,0 +1,52 @@
+"""Prometheus instruments the sync pipeline updates as it works.
+
+Counters and histograms live here and are updated where the work happens (the core Aria
+client, sync, ingest, reprocess). Values read from the database or the broker at scrape
+time (records by status, incomplete batches, consumer lag) are collected by the /metrics
+view instead, so they are right whichever process asks.
+
+With PROMETHEUS_MULTIPROC_DIR set (production, `make run`), prometheus_client writes each
+process's values to files there and /metrics sums them: web, worker and beat processes
+report as one service.
+"""
+
+from prometheus_client import Counter, Histogram
+
+# Bulk calls take from milliseconds (small batch, near Aria) to the client timeout.
+CALL_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+ARIA_CALL_SECONDS = Histogram(
+    "allegro_aria_call_seconds",
+    "Duration of calls to core Aria, by API method.",
+    ["rest_call"],
+    buckets=CALL_SECONDS_BUCKETS,
+)
+ARIA_CALLS = Counter(
+    "allegro_aria_calls_total",
+    "Calls to core Aria by API method and outcome: Aria's error_code, or 'transport'.",
+    ["rest_call", "error_code"],
+)
+RECORD_OUTCOMES = Counter(
+    "allegro_record_outcomes_total",
+    "Records whose sync outcome was stored, by status and Aria's record error code.",
+    ["status", "error_code"],
+)
+EVENTS_INGESTED = Counter(
+    "allegro_events_ingested_total",
+    "Raw usage events accepted by ingest (duplicates are counted separately).",
+)
+EVENTS_DUPLICATE = Counter(
+    "allegro_events_duplicate_total",
+    "Raw usage events refused at ingest because their event_id was already stored.",
+)
+REPROCESS_RUNS = Counter(
+    "allegro_reprocess_runs_total",
+    "Reprocess runs started, by level (all, batch, error).",
+    ["level"],
+)
+
+
+def observe_call(rest_call: str, seconds: float, error_code: str) -> None:
+    """Record one call to core Aria: its duration and outcome."""
+    ARIA_CALL_SECONDS.labels(rest_call).observe(seconds)
+    ARIA_CALLS.labels(rest_call, error_code).inc()
