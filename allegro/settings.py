@@ -8,6 +8,8 @@ from pathlib import Path
 
 import environ
 
+from allegro.logging import default_log_format, logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -161,10 +163,15 @@ SYNC_CONSUMERS_PER_WORKER = env.int("SYNC_CONSUMERS_PER_WORKER", default=2)
 # How long one consumer task runs before it hands over to the next beat-started one.
 SYNC_CONSUMER_LIFETIME_SECONDS = env.float("SYNC_CONSUMER_LIFETIME_SECONDS", default=300.0)
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-}
+# Logs: one JSON object per line in production, readable text lines when developing
+# (allegro/logging.py); Celery worker and beat use the same (allegro/celery.py).
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOG_FORMAT = env.str("LOG_FORMAT", default=default_log_format(debug=DEBUG))
+LOGGING = logging_config(log_format=LOG_FORMAT, level=LOG_LEVEL)
+
+# /metrics: open on the private network by default; with METRICS_TOKEN set it wants
+# "Authorization: Bearer <token>". Broker lookups for consumer lag give up after this.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+METRICS_KAFKA_TIMEOUT_SECONDS = env.float("METRICS_KAFKA_TIMEOUT_SECONDS", default=2.0)
+# Each readiness check (/healthz/ready) gives up after this long.
+HEALTH_CHECK_TIMEOUT_SECONDS = env.float("HEALTH_CHECK_TIMEOUT_SECONDS", default=2.0)
