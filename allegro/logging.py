@@ -132,10 +132,10 @@ def logging_config(*, log_format: str, level: str) -> dict:
         },
         "handlers": {"console": {"class": "logging.StreamHandler", "formatter": log_format}},
         "root": {"handlers": ["console"], "level": level},
-        # Named so that gunicorn's logconfig_dict replaces its own handlers with ours:
-        # its error and access lines then reach the root handler, formatted like the rest.
+        # Django's default config and gunicorn's give these loggers handlers of their
+        # own; without them every line reaches the root handler once, formatted alike.
         "loggers": {
-            "gunicorn.error": {"handlers": [], "propagate": True},
-            "gunicorn.access": {"handlers": [], "propagate": True},
+            name: {"handlers": [], "propagate": True}
+            for name in ("django", "django.server", "gunicorn.error", "gunicorn.access")
         },
     }
