@@ -20,6 +20,29 @@ if not DEBUG and SECRET_KEY.startswith("dev-only"):
     raise environ.ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 
+# Production security: with DEBUG off, HTTPS only (redirect, secure cookies, HSTS).
+# `manage.py check --deploy --fail-level WARNING` passes with these defaults
+# (tests/security/test_production_settings.py). Each one can be turned off by env.
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=not DEBUG)
+# Probes and scrapers speak plain HTTP inside the private network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz/", r"^metrics$"]
+# Behind a TLS-terminating proxy: the header it sets to "https", e.g. X-Forwarded-Proto.
+# Only set it when the proxy always overwrites that header (otherwise clients can forge it).
+_ssl_header = env.str("SECURE_PROXY_SSL_HEADER", default="")
+if _ssl_header:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_" + _ssl_header.upper().replace("-", "_"), "https")
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not DEBUG)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=not DEBUG)
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0 if DEBUG else 31_536_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=not DEBUG)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=not DEBUG)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
