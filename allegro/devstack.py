@@ -19,6 +19,7 @@ import dataclasses
 import importlib.util
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -180,6 +181,19 @@ def _raise_shutdown(signum, frame) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Shutdown(signal.Signals(signum).name)
+
+
+def fresh_metrics_dir(var_dir: Path) -> Path:
+    """Return an empty directory for prometheus_client's multiprocess files.
+
+    Every process of the stack (this one, web, worker pool children, beat) writes its
+    counters there and /metrics sums them. Emptied at each start: counters start at zero
+    with the processes, and the files of an earlier run's pids are not summed in.
+    """
+    path = var_dir / "prometheus"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
 
 
 def free_port() -> int:
@@ -468,6 +482,7 @@ def announce(port: int, shared: dict[str, str], started: set[str]) -> None:
         "Allegro Usage Sync is running.",
         f"  Console:     {base}/   (Django admin: {base}/admin/)",
         f"  API schema:  {base}/api/v1/schema/",
+        f"  Metrics:     {base}/metrics   (health: {base}/healthz/ready)",
         f"  Login:       {DEMO_USERNAME} / {DEMO_PASSWORD}",
         f"  Core Aria:   {aria}",
         f"  Kafka:       {kafka}",
@@ -495,6 +510,10 @@ def main() -> int:
         return 1
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "allegro.settings")
     os.environ["PYTHONUNBUFFERED"] = "1"  # Child output then reaches us line by line.
+    # Readable lines under the name prefixes, whatever DEBUG says (LOG_FORMAT=json to see
+    # what production writes).
+    os.environ.setdefault("LOG_FORMAT", "text")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(fresh_metrics_dir(var_dir))
 
     stack = Stack()
     signal.signal(signal.SIGINT, _raise_shutdown)
