@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from django.db import connection, transaction
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _STAGE = "usage_aggregation_stage"
 _ANALYZE_ABOVE = 10_000
+# The steps of one run, in order, as `on_step` hears about them (a command's progress bar).
+STEPS = ("stage", "batches", "records", "link", "commit")
 
 
 class AggregationRace(Exception):
@@ -59,19 +62,40 @@ def window_boundary(*, now: datetime, frequency: timedelta, grace: timedelta) ->
     return _EPOCH + timedelta(seconds=elapsed - elapsed % step)
 
 
-def aggregate_usage(*, now: datetime | None = None, actor: str = "scheduler") -> AggregationResult:
-    """Aggregate every closed window's un-aggregated events; safe to run concurrently."""
+def aggregate_usage(
+    *,
+    now: datetime | None = None,
+    actor: str = "scheduler",
+    on_step: Callable[[str], None] | None = None,
+) -> AggregationResult:
+    """Aggregate every closed window's un-aggregated events; safe to run concurrently.
+
+    `on_step` is called with each name of STEPS once that step is done (a retry after a
+    race with ingest calls it again from "stage").
+    """
     now = now or timezone.now()
+    on_step = on_step or _ignore_step
     for attempt in range(1, 4):
         try:
-            return _aggregate_once(now=now, actor=actor)
+            result = _aggregate_once(now=now, actor=actor, on_step=on_step)
         except AggregationRace:
             logger.warning("aggregation raced with ingest, retrying (attempt %d)", attempt)
-    return _aggregate_once(now=now, actor=actor)
+        else:
+            on_step("commit")
+            return result
+    result = _aggregate_once(now=now, actor=actor, on_step=on_step)
+    on_step("commit")
+    return result
+
+
+def _ignore_step(step: str) -> None:
+    return None
 
 
 @transaction.atomic
-def _aggregate_once(*, now: datetime, actor: str) -> AggregationResult:
+def _aggregate_once(
+    *, now: datetime, actor: str, on_step: Callable[[str], None]
+) -> AggregationResult:
     started = time.monotonic()
     AggregationConfig.load()
     # The guard: concurrent runs queue here and then see the events already linked.
@@ -93,18 +117,24 @@ def _aggregate_once(*, now: datetime, actor: str) -> AggregationResult:
         cursor.execute(sql.stage(), params)
         cursor.execute(f"SELECT COUNT(*), COALESCE(SUM(event_count), 0) FROM {_STAGE}")
         staged_records, staged_events = cursor.fetchone()
+        on_step("stage")
         if staged_records:
             cursor.execute(sql.insert_batches(), params)
             batch_ids = sorted(row[0] for row in cursor.fetchall())
+            on_step("batches")
             cursor.execute(sql.insert_records(), params)
             if sql.vendor == "postgresql" and staged_records >= _ANALYZE_ABOVE:
                 # Fresh statistics, or the planner takes 240k new records for 4k and picks
                 # a plan that re-reads the events table from disk.
                 cursor.execute(f"ANALYZE {sql.record}")
+            on_step("records")
             cursor.execute(sql.link_events(), {**params, "last_record_id": last_record_id})
             linked = cursor.rowcount
+            on_step("link")
         else:
             batch_ids, linked = [], 0
+            for step in ("batches", "records", "link"):
+                on_step(step)
         cursor.execute(f"DROP TABLE {_STAGE}")
     if linked != staged_events:
         raise AggregationRace(f"staged {staged_events} events, linked {linked}")

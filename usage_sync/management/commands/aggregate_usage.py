@@ -1,8 +1,10 @@
+import time
 from datetime import UTC, datetime
 
 from django.core.management.base import BaseCommand, CommandError
 
-from usage_sync.aggregation import aggregate_usage
+from allegro.progress import progress
+from usage_sync.aggregation import STEPS, aggregate_usage
 
 
 class Command(BaseCommand):
@@ -23,8 +25,22 @@ class Command(BaseCommand):
                 raise CommandError(f"--until: {until!r} is not an ISO 8601 date-time") from None
             if now.tzinfo is None:
                 now = now.replace(tzinfo=UTC)
-        result = aggregate_usage(now=now, actor="aggregate_usage command")
+        started = time.monotonic()
+        # One transaction of a few set-based statements: the bar moves per step, not per row.
+        with progress("Aggregating", total=len(STEPS), unit="step") as advance:
+            done: set[str] = set()
+            advance(0, note=STEPS[0])
+
+            def on_step(step: str) -> None:
+                # The note names the step under way. A retry after a race with ingest
+                # repeats steps; the bar counts each once.
+                following = STEPS[STEPS.index(step) + 1 :]
+                advance(0 if step in done else 1, note=following[0] if following else "done")
+                done.add(step)
+
+            result = aggregate_usage(now=now, actor="aggregate_usage command", on_step=on_step)
         self.stdout.write(
             f"Aggregated {result.events} events into {result.records} records "
-            f"in {result.batches} batches (windows ending before {result.boundary.isoformat()})."
+            f"in {result.batches} batches (windows ending before {result.boundary.isoformat()}) "
+            f"in {time.monotonic() - started:.1f} s."
         )

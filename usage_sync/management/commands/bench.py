@@ -10,7 +10,11 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
+from allegro.progress import progress
 from usage_sync import benchmarks
+
+# In the order a full run takes them.
+BENCHMARKS = ["ingest", "aggregation", "sync", "reprocess", "console"]
 
 
 class Command(BaseCommand):
@@ -24,7 +28,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument(
-            "--only", choices=["ingest", "aggregation", "sync", "reprocess", "console"]
+            "--only", choices=BENCHMARKS
         )
         parser.add_argument(
             "--events",
@@ -89,37 +93,43 @@ class Command(BaseCommand):
             )
         call_command("migrate", verbosity=0, interactive=False)
         machine = benchmarks.machine_facts()
-        try:
-            if only in (None, "ingest"):
-                for result in benchmarks.bench_ingest_api(
-                    database_url=os.environ["DATABASE_URL"],
-                    events=events or benchmarks.INGEST_EVENTS,
-                    workers=workers,
-                    client_counts=tuple(clients),
-                ):
-                    self._emit({**result, "machine": machine})
-            if only in (None, "aggregation"):
-                result = benchmarks.bench_aggregation(
-                    events=events or benchmarks.AGGREGATION_EVENTS
-                )
-                self._emit({**result, "machine": machine})
-            if only in (None, "sync"):
-                result = benchmarks.bench_sync(
-                    database_url=os.environ["DATABASE_URL"],
-                    records=events or benchmarks.SYNC_RECORDS,
-                )
-                self._emit({**result, "machine": machine})
-            if only in (None, "reprocess"):
-                result = benchmarks.bench_reprocess(
-                    database_url=os.environ["DATABASE_URL"],
-                    records=events or benchmarks.REPROCESS_RECORDS,
-                )
-                self._emit({**result, "machine": machine})
-            if only in (None, "console"):
-                result = benchmarks.bench_console(records=events or benchmarks.CONSOLE_RECORDS)
-                self._emit({**result, "machine": machine})
-        except benchmarks.BenchmarkError as exc:
-            raise CommandError(str(exc)) from exc
+        plan = [name for name in BENCHMARKS if only in (None, name)]
+        # One bar over the runs (each ingest client count is a run of its own), on stderr
+        # and only on a terminal: stdout stays JSON lines.
+        runs = sum(len(clients) if name == "ingest" else 1 for name in plan)
+        with progress("Benchmarks", total=runs, unit="run") as advance:
+            try:
+                for name in plan:
+                    advance(0, note=name)
+                    for result in self._results(name, events=events, workers=workers,
+                                                clients=clients):
+                        self._emit({**result, "machine": machine})
+                        advance(1)
+            except benchmarks.BenchmarkError as exc:
+                raise CommandError(str(exc)) from exc
+
+    def _results(self, name: str, *, events, workers, clients):
+        """Yield the result dicts of one benchmark (ingest: one per client count)."""
+        database_url = os.environ["DATABASE_URL"]
+        if name == "ingest":
+            yield from benchmarks.bench_ingest_api(
+                database_url=database_url,
+                events=events or benchmarks.INGEST_EVENTS,
+                workers=workers,
+                client_counts=tuple(clients),
+            )
+        elif name == "aggregation":
+            yield benchmarks.bench_aggregation(events=events or benchmarks.AGGREGATION_EVENTS)
+        elif name == "sync":
+            yield benchmarks.bench_sync(
+                database_url=database_url, records=events or benchmarks.SYNC_RECORDS
+            )
+        elif name == "reprocess":
+            yield benchmarks.bench_reprocess(
+                database_url=database_url, records=events or benchmarks.REPROCESS_RECORDS
+            )
+        elif name == "console":
+            yield benchmarks.bench_console(records=events or benchmarks.CONSOLE_RECORDS)
 
     def _emit(self, result: dict) -> None:
         self.stdout.write(json.dumps(result))

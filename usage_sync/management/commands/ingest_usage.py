@@ -1,11 +1,11 @@
 import shutil
 import sys
 import tempfile
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 
 from django.core.management.base import BaseCommand, CommandError
-from tqdm import tqdm
 
+from allegro.progress import progress as progress_bar
 from usage_sync.usage_files import (
     FORMATS,
     UsageFile,
@@ -59,7 +59,7 @@ class Command(BaseCommand):
             )
         with ExitStack() as stack:
             usage_file = UsageFile(self._open(file, stack), format=format)
-            with self._progress("Checking", usage_file.size) as progress:
+            with progress_bar("Checking", total=usage_file.size, unit="B") as progress:
                 result = check_usage_file(usage_file, max_errors=max_errors, progress=progress)
             if not result.is_valid:
                 raise CommandError(self._describe_errors(file, result))
@@ -70,7 +70,7 @@ class Command(BaseCommand):
             if check:
                 self.stdout.write("Nothing stored (--check).")
                 return
-            with self._progress("Storing", usage_file.size) as progress:
+            with progress_bar("Storing", total=usage_file.size, unit="B") as progress:
                 try:
                     stored = import_usage_file(usage_file, chunk_size=chunk_size, progress=progress)
                 except UsageFileError as exc:
@@ -95,22 +95,6 @@ class Command(BaseCommand):
             raise CommandError(f"{file}: no such file.") from None
         except OSError as exc:
             raise CommandError(f"Cannot open {file}: {exc.strerror or exc}.") from exc
-
-    @contextmanager
-    def _progress(self, label: str, total: int):
-        """Yield a callback that advances a progress bar over bytes, if stderr is a terminal."""
-        if not sys.stderr.isatty():
-            yield None
-            return
-        with tqdm(
-            total=total,
-            desc=label,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            file=sys.stderr,
-        ) as bar:
-            yield bar.update
 
     @staticmethod
     def _describe_errors(file: str, result) -> str:
