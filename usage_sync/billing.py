@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import requests
@@ -114,7 +115,13 @@ class AriaClient:
         self, *, accounts: Iterable[tuple[str, int | None]], date_range: tuple[str, str]
     ) -> set[str]:
         """Return the client_record_ids core Aria holds for these accounts in the range."""
-        found: set[str] = set()
+        return set(self.stored_client_record_id_counts(accounts=accounts, date_range=date_range))
+
+    def stored_client_record_id_counts(
+        self, *, accounts: Iterable[tuple[str, int | None]], date_range: tuple[str, str]
+    ) -> Counter[str]:
+        """Count the usage records core Aria holds per client_record_id (2+ = billed twice)."""
+        found: Counter[str] = Counter()
         start, end = date_range
         for client_acct_id, acct_no in accounts:
             if client_acct_id:
