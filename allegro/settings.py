@@ -55,6 +55,7 @@ INSTALLED_APPS = [
     "django_filters",
     "django_tables2",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "usage_sync",
     "reprocess",
 ]
@@ -138,6 +139,14 @@ SPECTACULAR_SETTINGS = {
         "RecordStatusEnum": "usage_sync.models.RecordStatus",
         "ActivityStatusEnum": "usage_sync.models.SyncActivity.Status",
     },
+    # The schema and its docs pages need a login, like every other API endpoint.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    # Swagger UI and Redoc from the vendored static files of drf-spectacular-sidecar: no CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # No validator badge: it would send the schema to validator.swagger.io.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
 }
 
 # Celery (Redis broker). Beat runs aggregation; its period follows the database
