@@ -84,7 +84,7 @@ class FieldError:
     message: str
 
     def as_dict(self) -> dict:
-        return {"index": self.index, "field": self.field, "message": self.message}
+        return {"index": self.index, "field": _shown_name(self.field), "message": self.message}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -101,6 +101,30 @@ def _blank(value) -> bool:
     return value is None or value == ""
 
 
+def _shown(value, limit: int = 40) -> str:
+    """Quote a rejected value for an error message, cut short: errors echo no megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "…" + text[-3:]
+
+
+def _shown_name(name: str) -> str:
+    """Return a field name fit for a JSON answer (an unknown key can be anything)."""
+    name = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return name if len(name) <= 100 else name[:99] + "…"
+
+
+def _text_problem(value: str) -> str | None:
+    """Say why a string cannot be stored as text, or None: PostgreSQL text holds no NUL
+    character, and UTF-8 has no lone surrogates (JSON's "\\ud800" escapes allow both)."""
+    if "\x00" in value:
+        return "Must not contain the NUL character (\\u0000)."
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "Must be valid Unicode text (no lone surrogate \\ud800-\\udfff)."
+    return None
+
+
 def _parse_decimal(field: str, value, *, required: bool, allow_negative: bool) -> Decimal | None:
     if _blank(value):
         if required:
@@ -111,7 +135,7 @@ def _parse_decimal(field: str, value, *, required: bool, allow_negative: bool) -
     try:
         number = Decimal(str(value).strip())
     except InvalidOperation:
-        raise ValueError(f"{value!r} is not a number.") from None
+        raise ValueError(f"{_shown(value)} is not a number.") from None
     if not number.is_finite():
         raise ValueError("Must be a finite number.")
     if not allow_negative and number < 0:
@@ -132,10 +156,13 @@ def _parse_int(value) -> int | None:
         raise ValueError("Must be an integer.")
     if isinstance(value, int):
         number = value
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        number = int(value)
+    elif isinstance(value, str) and value.strip().removeprefix("-").isdecimal():
+        try:
+            number = int(value)
+        except ValueError:  # more digits than int() takes from a string
+            raise ValueError("Must be a positive integer.") from None
     else:
-        raise ValueError(f"{value!r} is not a valid integer.")
+        raise ValueError(f"{_shown(value)} is not a valid integer.")
     if not 0 < number < 2**63:
         raise ValueError("Must be a positive integer.")
     return number
@@ -149,11 +176,14 @@ def _parse_datetime(value) -> datetime:
     try:
         moment = datetime.fromisoformat(value.strip())
     except ValueError:
-        raise ValueError(f"{value!r} is not an ISO 8601 date-time.") from None
+        raise ValueError(f"{_shown(value)} is not an ISO 8601 date-time.") from None
     # Aria's own usage_date has no offset; a value without one is read as UTC.
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00 is before year 1 in UTC
+        raise ValueError(f"{_shown(value)} is out of the supported date range.") from None
 
 
 def validate_event(index: int, raw: object) -> tuple[ValidEvent | None, list[FieldError]]:
@@ -177,6 +207,8 @@ def validate_event(index: int, raw: object) -> tuple[ValidEvent | None, list[Fie
             fail(field, "Must be a string.")
         elif len(value) > limit:
             fail(field, f"At most {limit} characters (got {len(value)}).")
+        elif problem := _text_problem(value):
+            fail(field, problem)
         else:
             strings[field] = value
     if "event_id" in strings and not strings["event_id"].strip():
