@@ -165,6 +165,24 @@ def complete_client_record_ids(database: Path) -> set[str]:
     return {client_record_id for (client_record_id,) in rows}
 
 
+def stored_events(database: Path) -> int:
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as db:
+        return db.execute("SELECT COUNT(*) FROM usage_sync_usageevent").fetchone()[0]
+
+
+def scrape_metrics(url: str) -> Counter:
+    """Sum the counters of /metrics by (sample name, status label)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    totals = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[(sample.name, sample.labels.get("status", ""))] += sample.value
+    return totals
+
+
 def billed_client_record_ids(simulator_base: str) -> Counter:
     with urllib.request.urlopen(f"{simulator_base}/_sim/records", timeout=10) as response:
         records = json.load(response)["records"]
@@ -196,6 +214,17 @@ def test_it_starts_every_service_syncs_the_demo_data_and_ctrl_c_stops_them_all(d
     billed = billed_client_record_ids(SIMULATOR.search(announcement)[1])
     assert set(billed) == complete_client_record_ids(database)
     assert set(billed.values()) == {1}
+
+    # Ready, and one /metrics sums every process: the worker's stored outcomes and the
+    # demo events ingested by the supervisor itself, each counted exactly once.
+    with urllib.request.urlopen(console_url + "healthz/ready", timeout=10) as response:
+        assert json.load(response)["status"] == "ok"
+    metrics = scrape_metrics(console_url + "metrics")
+    assert metrics.get(("allegro_record_outcomes_total", "COMPLETE"), 0) == sum(
+        n for (status, _), n in counts.items() if status == "COMPLETE"
+    )
+    assert metrics[("allegro_record_outcomes_total", "ERROR")] == counts[("ERROR", "1009")]
+    assert metrics[("allegro_events_ingested_total", "")] == stored_events(database)
 
     process.send_signal(signal.SIGINT)
 
