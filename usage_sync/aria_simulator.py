@@ -31,7 +31,18 @@ Choices where Aria's public material is silent (each code is an opaque value, as
 Fault knobs (start-up config file, command-line flags, or `POST /_sim/config` at runtime):
 latency, a seeded share of HTTP 500s, a burst of 500s (`fail_next_n`), and
 `late_answer_seconds`: store the records, then wait before answering, so a client's timeout
-fires after the records were stored. Admin endpoints live under `/_sim/` (see `_Handler`).
+fires after the records were stored. For the fault suite (tests/faults):
+- `flap_fail_calls` / `flap_pass_calls`: API calls cycle through that many HTTP 500s, then
+  that many normal answers (core Aria flapping);
+- `fail_after_store`: an injected 500 (any of the above) comes after the call was processed,
+  its records stored (a gateway failing after Aria did the work);
+- `malformed_rate` (seeded) and `malformed_next_n`: the call is processed, then answered
+  with HTTP 200 and a body that is not Aria's JSON (truncated, HTML, empty, a JSON array,
+  an object without `error_code`, in turn);
+- `bogus_error_records`: every `bulk_record_usage_m` answer also carries error records for
+  client_record_ids that were not in the call (a list of ids, or a count of made-up ones).
+Admin endpoints live under `/_sim/` (see `_Handler`); `POST /_sim/forget` drops stored
+records by client_record_id (as if core Aria lost them), for reconciliation tests.
 """
 
 import copy
@@ -162,6 +173,12 @@ class SimulatorConfig:
     late_answer_seconds: float = 0.0
     fail_next_n: int = 0
     partial_error_code: int | None = None
+    flap_fail_calls: int = 0
+    flap_pass_calls: int = 0
+    fail_after_store: bool = False
+    malformed_rate: float = 0.0
+    malformed_next_n: int = 0
+    bogus_error_records: list[str] | int = 0
 
     @classmethod
     def default(cls) -> "SimulatorConfig":
@@ -177,7 +194,8 @@ class SimulatorConfig:
         usage_types (added: "CODE", {"CODE": number}, or "*" for any), reset_usage_types,
         latency_seconds (s, [min, max] or {"min", "max"}), error_rate (0..1), seed,
         late_answer_seconds, fail_next_n, partial_error_code (int, or null for the first
-        failed record's code).
+        failed record's code), flap_fail_calls, flap_pass_calls, fail_after_store (bool),
+        malformed_rate (0..1), malformed_next_n, bogus_error_records (list of ids, or count).
         Nothing changes when a value is invalid.
         """
         if not isinstance(changes, dict):
@@ -227,6 +245,23 @@ class SimulatorConfig:
             new.partial_error_code = (
                 None if code is None else _config_long(code, "partial_error_code")
             )
+        for name in ("flap_fail_calls", "flap_pass_calls", "malformed_next_n"):
+            if name in changes:
+                count = _config_long(changes[name], name)
+                if count < 0:
+                    raise ConfigError(f"{name} must not be negative")
+                setattr(new, name, count)
+        if "fail_after_store" in changes:
+            if not isinstance(changes["fail_after_store"], bool):
+                raise ConfigError("fail_after_store must be true or false")
+            new.fail_after_store = changes["fail_after_store"]
+        if "malformed_rate" in changes:
+            rate = _config_seconds(changes["malformed_rate"], "malformed_rate")
+            if rate > 1:
+                raise ConfigError("malformed_rate must be between 0 and 1")
+            new.malformed_rate = rate
+        if "bogus_error_records" in changes:
+            new.bogus_error_records = _config_bogus(changes["bogus_error_records"])
         self.__dict__.update(new.__dict__)
         return sorted(changes)
 
@@ -246,6 +281,12 @@ class SimulatorConfig:
             "late_answer_seconds": self.late_answer_seconds,
             "fail_next_n": self.fail_next_n,
             "partial_error_code": self.partial_error_code,
+            "flap_fail_calls": self.flap_fail_calls,
+            "flap_pass_calls": self.flap_pass_calls,
+            "fail_after_store": self.fail_after_store,
+            "malformed_rate": self.malformed_rate,
+            "malformed_next_n": self.malformed_next_n,
+            "bogus_error_records": self.bogus_error_records,
         }
 
     def find_account(self, field_name: str, value) -> Account | None:
@@ -313,7 +354,8 @@ class SimulatorConfig:
 _CONFIG_KEYS = {
     "client_no", "auth_key", "accounts", "remove_accounts", "reset_accounts", "usage_types",
     "reset_usage_types", "latency_seconds", "error_rate", "seed", "late_answer_seconds",
-    "fail_next_n", "partial_error_code",
+    "fail_next_n", "partial_error_code", "flap_fail_calls", "flap_pass_calls",
+    "fail_after_store", "malformed_rate", "malformed_next_n", "bogus_error_records",
 }
 
 
@@ -335,12 +377,14 @@ class AriaSimulator:
         self._calls: list[dict] = []
         self._calls_by_rest_call: Counter[str] = Counter()
         self._next_usage_rec_no = 900_000_001
+        self._flap_position = 0
         self._seed_random()
 
     def _seed_random(self) -> None:
         # Two generators: the sequence of injected 500s does not depend on latency draws.
         self._failure_random = random.Random(self.config.seed)
         self._latency_random = random.Random(self.config.seed)
+        self._malformed_random = random.Random(self.config.seed)
 
     # --- API calls -------------------------------------------------------------------------
 
@@ -368,17 +412,27 @@ class AriaSimulator:
             self._calls.append(entry)
             self._calls_by_rest_call[entry["rest_call"] or "(none)"] += 1
             injected = self._injected_failure()
+            malformed = None if injected else self._malformed_body_kind(entry["id"])
             latency = self._latency_random.uniform(*self.config.latency_seconds)
         if latency:
             self.stopping.wait(latency)
         # The entry is in the call log: change it only under the lock.
         with self._lock:
-            if injected:
+            if injected and self.config.fail_after_store:
+                # The work is done (records stored), then the answer is lost to a 500.
+                _, stored = self._answer(params)
+                entry.update(
+                    http_status=500, injected=injected, response=None, late_answer_seconds=0,
+                    stored=stored,
+                )
+            elif injected:
                 entry.update(
                     http_status=500, injected=injected, response=None, late_answer_seconds=0
                 )
             else:
                 response, stored = self._answer(params)
+                if rest_call == "bulk_record_usage_m" and self.config.bogus_error_records:
+                    response = self._with_bogus_error_records(response, entry["id"])
                 stores = rest_call in ("bulk_record_usage_m", "record_usage_m")
                 entry.update(
                     http_status=200,
@@ -389,6 +443,7 @@ class AriaSimulator:
                     stored=stored,
                     error_records=len(response.get("error_records", [])),
                     late_answer_seconds=self.config.late_answer_seconds if stores else 0,
+                    malformed=malformed,
                 )
             entry["processing_ms"] = round((time.monotonic() - started) * 1000)
         return entry
@@ -397,9 +452,47 @@ class AriaSimulator:
         if self.config.fail_next_n > 0:
             self.config.fail_next_n -= 1
             return "fail_next_n"
+        if self.config.flap_fail_calls:
+            cycle = self.config.flap_fail_calls + self.config.flap_pass_calls
+            position = self._flap_position % cycle
+            self._flap_position += 1
+            if position < self.config.flap_fail_calls:
+                return "flap"
         if self.config.error_rate and self._failure_random.random() < self.config.error_rate:
             return "error_rate"
         return None
+
+    def _malformed_body_kind(self, call_id: int) -> str | None:
+        """Return which malformed body this call gets (MALFORMED_BODIES), or None."""
+        if self.config.malformed_next_n > 0:
+            self.config.malformed_next_n -= 1
+        elif not (
+            self.config.malformed_rate
+            and self._malformed_random.random() < self.config.malformed_rate
+        ):
+            return None
+        kinds = sorted(MALFORMED_BODIES)
+        return kinds[call_id % len(kinds)]
+
+    def _with_bogus_error_records(self, response: dict, call_id: int) -> dict:
+        """Add error records for client_record_ids that were not in the call."""
+        bogus = self.config.bogus_error_records
+        ids = bogus if isinstance(bogus, list) else [
+            f"BOGUS-{call_id}-{n}" for n in range(1, bogus + 1)
+        ]
+        extra = [
+            {"out_client_record_id": cid, "acct_no": None, "record_error_code": 1001,
+             "record_error_msg": "unexpected error"}
+            for cid in ids
+        ]
+        error_records = [*response.get("error_records", []), *extra]
+        code = self.config.partial_error_code
+        first = error_records[0]
+        if code is None:
+            top = _error(first["record_error_code"], first["record_error_msg"])
+        else:
+            top = _error(code, first["record_error_msg"] if code else "OK")
+        return {**top, "error_records": error_records}
 
     def _answer(self, params: dict | None) -> tuple[dict, int]:
         """Return Aria's answer to `params` and how many records were stored."""
@@ -629,6 +722,15 @@ class AriaSimulator:
 
     # --- admin -----------------------------------------------------------------------------
 
+    def forget(self, client_record_ids: list[str]) -> int:
+        """Drop the stored records with these client_record_ids; return how many."""
+        wanted = set(client_record_ids)
+        with self._lock:
+            kept = [r for r in self._records if r["client_record_id"] not in wanted]
+            forgotten = len(self._records) - len(kept)
+            self._records = kept
+        return forgotten
+
     def mark_delivered(self, entry: dict, delivered: bool) -> None:
         with self._lock:
             entry["delivered"] = delivered
@@ -739,6 +841,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if entry["http_status"] == 500:
                 self._send(500, b"Internal Server Error (simulated)", "text/plain")
+            elif entry.get("malformed"):
+                body, content_type = MALFORMED_BODIES[entry["malformed"]](entry["response"])
+                self._send(200, body, content_type)
             else:
                 self._send_json(200, entry["response"])
             delivered = True
@@ -764,6 +869,17 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             simulator.log(f"admin config changed: {', '.join(changed) or 'nothing'}")
             self._send_json(200, simulator.state()["config"])
+        elif path == ADMIN_PREFIX + "forget":
+            try:
+                ids = json.loads(body or b"{}").get("client_record_ids")
+                if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                    raise ValueError("client_record_ids must be a list of strings")
+            except (ValueError, AttributeError) as error:
+                self._send_json(400, {"error": str(error)})
+                return
+            forgotten = simulator.forget(ids)
+            simulator.log(f"admin forget: {forgotten} stored records dropped")
+            self._send_json(200, {"forgotten": forgotten})
         elif path in (ADMIN_PREFIX + "health", ADMIN_PREFIX + "state", ADMIN_PREFIX + "records",
                       ADMIN_PREFIX + "calls"):
             self._method_not_allowed(allow="GET")
@@ -1016,6 +1132,17 @@ def _error(code: int, message: str) -> dict:
     return {"error_code": code, "error_msg": message}
 
 
+# Answers that are not Aria's JSON, each built from the real answer: (body, content type).
+MALFORMED_BODIES: dict[str, Callable[[dict], tuple[bytes, str]]] = {
+    "truncated": lambda r: (json.dumps(r, default=_json_default).encode()[:-3],
+                            "application/json"),
+    "html": lambda r: (b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html"),
+    "empty": lambda r: (b"", "application/json"),
+    "array": lambda r: (json.dumps([r], default=_json_default).encode(), "application/json"),
+    "no_error_code": lambda r: (b'{"error_msg": "OK"}', "application/json"),
+}
+
+
 def _json_default(value):
     if isinstance(value, Decimal):
         return int(value) if value == value.to_integral_value() else float(value)
@@ -1036,11 +1163,15 @@ def _call_line(entry: dict, delivered: bool) -> str:
     )
     if entry["injected"]:
         line += f" (injected by {entry['injected']})"
+        if entry.get("stored"):
+            line += f" after storing {entry['stored']}"
     else:
         line += (
             f" error_code={entry['error_code']} stored={entry['stored']} "
             f"error_records={entry['error_records']}"
         )
+    if entry.get("malformed"):
+        line += f", body malformed ({entry['malformed']})"
     if entry["late_answer_seconds"]:
         line += f", answered {entry['late_answer_seconds']} s late"
     if not delivered:
@@ -1072,6 +1203,17 @@ def _config_seconds(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | Decimal) or value < 0:
         raise ConfigError(f"{name} must be a non-negative number, not {value!r}")
     return float(value)
+
+
+def _config_bogus(value) -> list[str] | int:
+    if isinstance(value, list):
+        if not all(isinstance(v, str) and v for v in value):
+            raise ConfigError("bogus_error_records: a list of client_record_id strings")
+        return value
+    count = _config_long(value, "bogus_error_records")
+    if count < 0:
+        raise ConfigError("bogus_error_records must not be negative")
+    return count
 
 
 def _config_latency(value) -> tuple[float, float]:

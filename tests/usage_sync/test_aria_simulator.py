@@ -447,3 +447,97 @@ def test_it_starts_from_a_config_file_and_flags_and_stops_cleanly(tmp_path, sign
     assert {"FILE-001", "FLAG-001", "ACME-001"} <= accounts
     assert config["client_no"] == CLIENT_NO
     assert "stopped" in log_path.read_text()
+
+
+def test_flapping_cycles_http_500s_and_answers_without_storing_the_failed_calls(simulator):
+    simulator.admin_post("config", {"flap_fail_calls": 2, "flap_pass_calls": 1})
+
+    statuses = [
+        simulator.call("bulk_record_usage_m", usage_recs=[rec(f"flap-{n}")]).status_code
+        for n in range(6)
+    ]
+
+    assert statuses == [500, 500, 200, 500, 500, 200]
+    assert [r["client_record_id"] for r in simulator.records()] == ["flap-2", "flap-5"]
+
+
+def test_fail_after_store_answers_500_but_keeps_the_records(simulator):
+    simulator.admin_post("config", {"fail_next_n": 1, "fail_after_store": True})
+
+    response = simulator.call("bulk_record_usage_m", usage_recs=[rec("stored-then-500")])
+
+    assert response.status_code == 500
+    assert [r["client_record_id"] for r in simulator.records()] == ["stored-then-500"]
+
+
+def test_malformed_answers_come_after_the_records_were_stored(simulator):
+    simulator.admin_post("config", {"malformed_next_n": 5})
+
+    bodies = []
+    for n in range(5):
+        response = simulator.call("bulk_record_usage_m", usage_recs=[rec(f"garbled-{n}")])
+        assert response.status_code == 200
+        bodies.append(response.content)
+    normal = simulator.call("bulk_record_usage_m", usage_recs=[rec("clean")])
+
+    for body in bodies:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            continue  # truncated, HTML or empty: not JSON at all
+        assert not isinstance(parsed, dict) or "error_code" not in parsed
+    assert len(set(bodies)) == 5  # each malformed kind once
+    assert normal.json() == {"error_code": 0, "error_msg": "OK"}
+    assert len(simulator.records()) == 6
+    kinds = [c.get("malformed") for c in simulator.admin_get("calls")["calls"]]
+    assert sorted(filter(None, kinds)) == ["array", "empty", "html", "no_error_code",
+                                           "truncated"]
+
+
+def test_the_malformed_rate_is_repeatable_with_a_seed(simulator):
+    def kinds():
+        simulator.admin_post("reset")
+        simulator.admin_post("config", {"malformed_rate": 0.5, "seed": 7})
+        for _ in range(12):
+            simulator.call("get_usage_history_m", acct_no=1001, date_range_start="2024-01-01")
+        return [c.get("malformed") for c in simulator.admin_get("calls")["calls"]]
+
+    first = kinds()
+
+    assert None in first and any(first)
+    assert kinds() == first
+
+
+def test_bogus_error_records_name_ids_that_were_not_in_the_call(simulator):
+    simulator.admin_post("config", {"bogus_error_records": ["AU999-1"]})
+
+    answer = simulator.bulk([rec("real-1"), rec("real-2")])
+
+    assert answer["error_code"] == 1001
+    assert [e["out_client_record_id"] for e in answer["error_records"]] == ["AU999-1"]
+    assert sorted(r["client_record_id"] for r in simulator.records()) == ["real-1", "real-2"]
+    simulator.admin_post("config", {"bogus_error_records": 2, "partial_error_code": 0})
+    answer = simulator.bulk([rec("real-3", account="UNKNOWN-1")])
+    assert answer["error_code"] == 0
+    assert [e["out_client_record_id"] for e in answer["error_records"]] == [
+        "real-3", "BOGUS-2-1", "BOGUS-2-2"
+    ]
+
+
+def test_bad_fault_knob_values_are_refused(simulator):
+    for knobs in ({"flap_fail_calls": -1}, {"malformed_rate": 2}, {"fail_after_store": 1},
+                  {"bogus_error_records": [3]}):
+        response = requests.post(f"{simulator.base_url}/_sim/config", json=knobs, timeout=5)
+        assert response.status_code == 400, knobs
+    assert simulator.admin_get("state")["config"]["flap_fail_calls"] == 0
+
+
+def test_forget_drops_stored_records_by_client_record_id(simulator):
+    simulator.bulk([rec("keep"), rec("drop"), rec("drop")])
+
+    assert simulator.admin_post("forget", {"client_record_ids": ["drop"]}) == {"forgotten": 2}
+
+    assert [r["client_record_id"] for r in simulator.records()] == ["keep"]
+    response = requests.post(f"{simulator.base_url}/_sim/forget", json={"client_record_ids": 1},
+                             timeout=5)
+    assert response.status_code == 400
