@@ -3,11 +3,14 @@
 Counters and histograms live here and are updated where the work happens (the core Aria
 client, sync, ingest, reprocess). Values read from the database or the broker at scrape
 time (records by status, incomplete batches, consumer lag) are collected by the /metrics
-view instead, so they are right whichever process asks.
+view instead (usage_sync/exporter.py), so they are right whichever process asks.
 
 With PROMETHEUS_MULTIPROC_DIR set (production, `make run`), prometheus_client writes each
 process's values to files there and /metrics sums them: web, worker and beat processes
-report as one service.
+report as one service. The directory must be emptied when the service starts (a new
+deployment), and must not be shared by two services: `make run` uses a fresh
+var/prometheus; gunicorn (allegro/gunicorn_conf.py) and Celery (allegro/celery.py) mark
+exited processes dead.
 """
 
 from prometheus_client import Counter, Histogram
