@@ -136,6 +136,17 @@ class Simulator:
         body = response.json()
         return body["records"] if isinstance(body, dict) else body
 
+    def forget(self, client_record_ids: list[str]) -> int:
+        """Drop stored records, as if core Aria had lost them."""
+        response = requests.post(
+            f"{self.base}/_sim/forget", json={"client_record_ids": client_record_ids}, timeout=5
+        )
+        response.raise_for_status()
+        return response.json()["forgotten"]
+
+    def reset(self) -> None:
+        requests.post(f"{self.base}/_sim/reset", timeout=5).raise_for_status()
+
     def calls(self) -> list[dict]:
         response = requests.get(f"{self.base}/_sim/calls", timeout=10)
         response.raise_for_status()
