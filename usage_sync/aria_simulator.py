@@ -432,7 +432,7 @@ class AriaSimulator:
             else:
                 response, stored = self._answer(params)
                 if rest_call == "bulk_record_usage_m" and self.config.bogus_error_records:
-                    response = self._with_bogus_error_records(response, entry["id"])
+                    response = self._with_bogus_error_records(response, entry)
                 stores = rest_call in ("bulk_record_usage_m", "record_usage_m")
                 entry.update(
                     http_status=200,
@@ -474,12 +474,15 @@ class AriaSimulator:
         kinds = sorted(MALFORMED_BODIES)
         return kinds[call_id % len(kinds)]
 
-    def _with_bogus_error_records(self, response: dict, call_id: int) -> dict:
+    def _with_bogus_error_records(self, response: dict, entry: dict) -> dict:
         """Add error records for client_record_ids that were not in the call."""
         bogus = self.config.bogus_error_records
         ids = bogus if isinstance(bogus, list) else [
-            f"BOGUS-{call_id}-{n}" for n in range(1, bogus + 1)
+            f"BOGUS-{entry['id']}-{n}" for n in range(1, bogus + 1)
         ]
+        ids = [cid for cid in ids if cid not in entry["client_record_ids"]]
+        if not ids:
+            return response
         extra = [
             {"out_client_record_id": cid, "acct_no": None, "record_error_code": 1001,
              "record_error_msg": "unexpected error"}

@@ -509,9 +509,9 @@ def test_the_malformed_rate_is_repeatable_with_a_seed(simulator):
 
 
 def test_bogus_error_records_name_ids_that_were_not_in_the_call(simulator):
-    simulator.admin_post("config", {"bogus_error_records": ["AU999-1"]})
+    simulator.admin_post("config", {"bogus_error_records": ["AU999-1", "real-2"]})
 
-    answer = simulator.bulk([rec("real-1"), rec("real-2")])
+    answer = simulator.bulk([rec("real-1"), rec("real-2")])  # real-2 was in the call: left out
 
     assert answer["error_code"] == 1001
     assert [e["out_client_record_id"] for e in answer["error_records"]] == ["AU999-1"]
