@@ -59,6 +59,12 @@ class CallReport:
     duration_ms: int
 
 
+def _text(value) -> str:
+    """Return Aria's value as text the database can store: PostgreSQL text and jsonb hold
+    no NUL character, and UTF-8 no lone surrogate (both can arrive as JSON escapes)."""
+    return str(value).replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
 class AriaClient:
     """A `requests.Session` bound to one core Aria endpoint and client's credentials."""
 
@@ -99,14 +105,15 @@ class AriaClient:
                 continue
             record_errors.append(
                 RecordError(
-                    client_record_id=str(item.get("out_client_record_id") or ""),
-                    code=str(item.get("record_error_code", "")),
-                    message=str(item.get("record_error_msg") or ""),
+                    client_record_id=_text(item.get("out_client_record_id") or ""),
+                    # Aria's codes are integers; sync_error_code holds at most 20 characters.
+                    code=_text(item.get("record_error_code", ""))[:20],
+                    message=_text(item.get("record_error_msg") or ""),
                 )
             )
         return BulkResult(
-            error_code=str(body.get("error_code")),
-            error_msg=str(body.get("error_msg") or ""),
+            error_code=_text(body.get("error_code"))[:20],
+            error_msg=_text(body.get("error_msg") or ""),
             record_errors=tuple(record_errors),
         )
 
