@@ -25,7 +25,6 @@ def _configure_logging(**kwargs):
 @worker_process_shutdown.connect
 def _mark_metrics_process_dead(pid=None, **kwargs):
     # Multiprocess metrics: a pool child's live gauges must stop counting once it is gone.
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+    from usage_sync import metrics
 
-        multiprocess.mark_process_dead(pid or os.getpid())
+    metrics.mark_process_dead(pid or os.getpid())

@@ -9,15 +9,12 @@
   live gauges stop counting (its counters stay summed, as counters must).
 """
 
-import os
-
 from allegro import settings as _settings
 
 logconfig_dict = _settings.LOGGING
 
 
 def child_exit(server, worker):
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+    from usage_sync import metrics
 
-        multiprocess.mark_process_dead(worker.pid)
+    metrics.mark_process_dead(worker.pid)

@@ -13,7 +13,32 @@ var/prometheus; gunicorn (allegro/gunicorn_conf.py) and Celery (allegro/celery.p
 exited processes dead.
 """
 
-from prometheus_client import Counter, Histogram
+import os
+import socket
+
+from prometheus_client import Counter, Histogram, multiprocess, values
+
+# Each process writes files named after its identifier. With the directory shared by
+# containers (docker-compose's web and worker), pids repeat across them (each container
+# counts from 1): the host name, the container's id there, keeps two processes off one file.
+_HOST = socket.gethostname().replace("_", "-") or "localhost"
+
+
+def process_identifier(pid: int | None = None) -> str:
+    """Name this process (or `pid` on this host) as the multiprocess files do."""
+    return f"{_HOST}-{pid or os.getpid()}"
+
+
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # Before any instrument below is created: each creates its values with this class.
+    values.ValueClass = values.MultiProcessValue(process_identifier)
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop the live gauges of a process of this host that exited (multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(process_identifier(pid))
+
 
 # Bulk calls take from milliseconds (small batch, near Aria) to the client timeout.
 CALL_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

@@ -63,6 +63,7 @@ def test_a_celery_pool_child_that_exits_is_marked_dead(metrics_dir, scrape):
     run_in_other_process(
         """
         import os
+        from usage_sync import metrics  # noqa: F401 (as every app process does, first)
         from prometheus_client import Gauge
         busy = Gauge("allegro_test_busy", "test", multiprocess_mode="livesum")
         busy.set(3)
@@ -81,6 +82,7 @@ def test_without_the_shutdown_signal_the_live_gauge_would_stay(metrics_dir, scra
     # The control for the test above: the gauge file is what the receiver removes.
     run_in_other_process(
         """
+        from usage_sync import metrics  # noqa: F401
         from prometheus_client import Gauge
         Gauge("allegro_test_busy", "test", multiprocess_mode="livesum").set(3)
         """,
@@ -88,3 +90,23 @@ def test_without_the_shutdown_signal_the_live_gauge_would_stay(metrics_dir, scra
     )
 
     assert scrape().total("allegro_test_busy") == 3
+
+
+def test_files_are_named_after_host_and_pid(metrics_dir):
+    # docker-compose shares the directory between containers, whose pids repeat: the
+    # host name (the container id) keeps a web and a worker process off the same file.
+    import socket
+
+    run_in_other_process(
+        """
+        import os, pathlib
+        from usage_sync import metrics
+        metrics.EVENTS_INGESTED.inc()
+        pathlib.Path(os.environ["PROMETHEUS_MULTIPROC_DIR"], "pid").write_text(str(os.getpid()))
+        """,
+        metrics_dir,
+    )
+
+    pid = (metrics_dir / "pid").read_text()
+    host = socket.gethostname().replace("_", "-")
+    assert [p.name for p in metrics_dir.glob("counter_*.db")] == [f"counter_{host}-{pid}.db"]
