@@ -206,3 +206,22 @@ def test_without_metrics_token_anyone_on_the_network_may_scrape(
     settings.METRICS_TOKEN = ""
 
     assert scrape().has("allegro_collector_up", collector="database")
+
+
+def test_an_unreadable_database_reports_down_and_the_scrape_still_answers(
+    single_process, scrape, broker_down, monkeypatch
+):
+    from django.db import OperationalError
+
+    from usage_sync import exporter
+
+    def database_down():
+        raise OperationalError("connection to server at 127.0.0.1 failed: Connection refused")
+
+    monkeypatch.setattr(exporter, "database_families", database_down)
+
+    metrics = scrape()
+
+    assert metrics.total("allegro_collector_up", collector="database") == 0
+    assert not metrics.has("allegro_usage_records")
+    assert metrics.has("allegro_collector_up", collector="kafka")
