@@ -65,6 +65,11 @@ def _text(value) -> str:
     return str(value).replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
 
 
+REDACTED = "***"
+# A shorter key (a test's "k") would redact unrelated text.
+MIN_REDACTED_KEY_LENGTH = 4
+
+
 class AriaClient:
     """A `requests.Session` bound to one core Aria endpoint and client's credentials."""
 
@@ -107,13 +112,13 @@ class AriaClient:
                 RecordError(
                     client_record_id=_text(item.get("out_client_record_id") or ""),
                     # Aria's codes are integers; sync_error_code holds at most 20 characters.
-                    code=_text(item.get("record_error_code", ""))[:20],
-                    message=_text(item.get("record_error_msg") or ""),
+                    code=self._from_aria(item.get("record_error_code", ""))[:20],
+                    message=self._from_aria(item.get("record_error_msg") or ""),
                 )
             )
         return BulkResult(
-            error_code=_text(body.get("error_code"))[:20],
-            error_msg=_text(body.get("error_msg") or ""),
+            error_code=self._from_aria(body.get("error_code"))[:20],
+            error_msg=self._from_aria(body.get("error_msg") or ""),
             record_errors=tuple(record_errors),
         )
 
@@ -155,8 +160,8 @@ class AriaClient:
                 if code != "0":
                     # Not a transport failure, but the records stay in doubt all the same.
                     raise AriaTransportError(
-                        f"get_usage_history_m answered {body.get('error_code')}: "
-                        f"{body.get('error_msg')}"
+                        f"get_usage_history_m answered {self._from_aria(body.get('error_code'))}: "
+                        f"{self._from_aria(body.get('error_msg'))}"
                     )
                 rows = body.get("usage_history_recs") or []
                 found.update(str(r["client_record_id"]) for r in rows if r.get("client_record_id"))
@@ -164,6 +169,14 @@ class AriaClient:
                     break
                 offset += HISTORY_PAGE_SIZE
         return found
+
+    def _from_aria(self, value) -> str:
+        """Return text of Aria's answer fit to store, log and show: never our auth_key,
+        should Aria quote the rejected credential back in a message."""
+        text = _text(value)
+        if len(self._auth_key) >= MIN_REDACTED_KEY_LENGTH:
+            text = text.replace(self._auth_key, REDACTED)
+        return text
 
     def _call(self, rest_call: str, params: dict, *, client_receipt_id: str, record_count: int):
         payload = {
