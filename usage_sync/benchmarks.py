@@ -133,6 +133,33 @@ def bench_database(*, name: str, server: dict) -> Iterator[str]:
         logger.info("dropped database %s", name)
 
 
+def run_child(command: list[str], *, database_url: str) -> int:
+    """Run `command` with DATABASE_URL set; if interrupted, let it stop its servers first.
+
+    Returns its exit status. The child (bench or soak with --inside) catches SIGTERM as
+    SystemExit (see `raise_system_exit`), so its context managers stop what they started.
+    """
+    child = subprocess.Popen(
+        command, cwd=settings.BASE_DIR, env={**os.environ, "DATABASE_URL": database_url}
+    )
+    try:
+        return child.wait()
+    except BaseException:
+        child.send_signal(signal.SIGTERM)
+        try:
+            # Enough for a sync run to stop its worker, simulator and broker in turn.
+            child.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
+
+
+def raise_system_exit(signum, frame):
+    """A signal handler: unwind like Ctrl-C, so servers are stopped and databases dropped."""
+    raise SystemExit(128 + signum)
+
+
 def database_url(server: dict, *, name: str) -> str:
     """Return a DATABASE_URL for database `name` on `server` (Django settings dict)."""
     credentials = quote(server.get("USER") or "", safe="")
@@ -282,6 +309,10 @@ def _gunicorn(
         "DEBUG": "false",
         "SECRET_KEY": secrets.token_urlsafe(50),
         "ALLOWED_HOSTS": "127.0.0.1",
+        # Plain HTTP on loopback: no redirect to HTTPS, cookies a client sends back over HTTP.
+        "SECURE_SSL_REDIRECT": "false",
+        "SESSION_COOKIE_SECURE": "false",
+        "CSRF_COOKIE_SECURE": "false",
         "LOG_LEVEL": "WARNING",
     }
     command = [
@@ -801,16 +832,18 @@ def _sync_end_to_end(
 
 @contextmanager
 def _sync_worker(
-    *, database_url: str, bootstrap: str, aria_url: str, logs: Path
+    *, database_url: str, bootstrap: str, aria_url: str, logs: Path,
+    redis_db: int = SYNC_REDIS_DB,
 ) -> Iterator[tuple[subprocess.Popen, float, _TreeMemory]]:
     """Run one Celery worker whose consumers are in their group on a topic of this run's own.
 
     Yields the worker, the seconds its consumers took to join, and its idle memory. Inside
     the block, settings.KAFKA_BOOTSTRAP_SERVERS and KAFKA_AGGREGATED_TOPIC name the broker
-    and topic (read them to point another process, e.g. gunicorn, at the same topic).
+    and topic (read them to point another process, e.g. gunicorn, at the same topic); the
+    worker's Celery queue, on Redis database `redis_db`, has the topic's name.
     """
     tag = secrets.token_hex(4)
-    redis_url = _bench_redis_url()
+    redis_url = bench_redis_url(db=redis_db)
     hostname = f"bench-sync-{tag}@{socket.gethostname()}"
     queue_name = topic = group = f"allegro-bench-sync-{tag}"
     env = {
@@ -1218,8 +1251,8 @@ def _tansu(*, log: Path) -> Iterator[str]:
 
 
 @contextmanager
-def _simulator(*, log: Path) -> Iterator[str]:
-    """Run the core Aria simulator, no latency, knowing the bench accounts and any usage type.
+def _simulator(*, log: Path, accounts: tuple[str, ...] = SYNC_ACCOUNTS) -> Iterator[str]:
+    """Run the core Aria simulator, no latency, knowing `accounts` and any usage type.
 
     Yields its base URL (the API is at /v1/core, the admin endpoints under /_sim/).
     """
@@ -1227,16 +1260,16 @@ def _simulator(*, log: Path) -> Iterator[str]:
     command = [
         sys.executable, str(settings.BASE_DIR / "manage.py"), "core_aria_simulator",
         "--port", str(port), "--usage-type", "*",
-        *(f"--account={account}" for account in SYNC_ACCOUNTS),
+        *(f"--account={account}" for account in accounts),
     ]
     with _child_process(command, env=dict(os.environ), name="simulator", log=log) as simulator:
         _wait_until_listening(simulator, port, name="the core Aria simulator")
         yield f"http://127.0.0.1:{port}"
 
 
-def _bench_redis_url() -> str:
-    """Return REDIS_URL with the benchmark's own database number; fail if Redis is down."""
-    url = urlsplit(settings.REDIS_URL)._replace(path=f"/{SYNC_REDIS_DB}").geturl()
+def bench_redis_url(*, db: int = SYNC_REDIS_DB) -> str:
+    """Return REDIS_URL with database number `db` (a run's own); fail if Redis is down."""
+    url = urlsplit(settings.REDIS_URL)._replace(path=f"/{db}").geturl()
     try:
         redis.Redis.from_url(url).ping()
     except redis.RedisError as exc:

@@ -2,7 +2,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 
 from django.conf import settings
@@ -60,7 +59,7 @@ class Command(BaseCommand):
         if options["workers"] < 1 or min(options["clients"]) < 1:
             raise CommandError("--workers and --clients must be at least 1")
         # SIGTERM unwinds like Ctrl-C, so the servers are stopped and the database dropped.
-        signal.signal(signal.SIGTERM, _raise_system_exit)
+        signal.signal(signal.SIGTERM, benchmarks.raise_system_exit)
         if inside:
             self._run_benchmarks(database_name=inside, **options)
         else:
@@ -80,7 +79,7 @@ class Command(BaseCommand):
                     sys.executable, str(settings.BASE_DIR / "manage.py"), "bench",
                     "--inside", database_name, *forwarded,
                 ]
-                status = _run_child(command, env_database_url=url)
+                status = benchmarks.run_child(command, database_url=url)
         except benchmarks.BenchmarkError as exc:
             raise CommandError(str(exc)) from exc
         if status:
@@ -135,24 +134,3 @@ class Command(BaseCommand):
         self.stdout.write(json.dumps(result))
         self.stdout.flush()
 
-
-def _raise_system_exit(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-def _run_child(command: list[str], *, env_database_url: str) -> int:
-    """Run the benchmarks in a child process; if interrupted, let it stop its servers first."""
-    child = subprocess.Popen(
-        command, cwd=settings.BASE_DIR, env={**os.environ, "DATABASE_URL": env_database_url}
-    )
-    try:
-        return child.wait()
-    except BaseException:
-        child.send_signal(signal.SIGTERM)
-        try:
-            # Enough for the sync benchmark to stop its worker, simulator and broker in turn.
-            child.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        raise
