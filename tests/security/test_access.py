@@ -1,4 +1,4 @@
-"""Who may do what, over every URL the URLconf serves (tests/security/urls.py enumerates
+"""Who may do what, over every URL the URLconf serves (tests/security/endpoints.py enumerates
 them): anonymous visitors, logged-in users without the reprocess permission, and CSRF."""
 
 import pytest
@@ -9,7 +9,7 @@ from django.urls import reverse
 from reprocess.models import ReprocessRun
 from tests.factories import UserFactory
 from tests.reprocess.factories import make_batch
-from tests.security.urls import (
+from tests.security.endpoints import (
     POST_NEEDS_PERMISSION,
     POST_WITHOUT_REPROCESS_PERMISSION,
     PUBLIC,
@@ -106,7 +106,7 @@ def test_every_post_endpoint_is_classified():
     posts = {e.route for e in CONSOLE_POSTS + API_POSTS}
     known = set(POST_WITHOUT_REPROCESS_PERMISSION) | set(POST_NEEDS_PERMISSION)
     api_reprocess = {e.route for e in API_POSTS if "reprocess" in e.route}
-    assert posts - known == api_reprocess, "classify the new POST endpoint in urls.py"
+    assert posts - known == api_reprocess, "classify the new POST endpoint in endpoints.py"
 
 
 @pytest.mark.parametrize("endpoint", reprocess_posts(API_POSTS), ids=lambda e: e.route)

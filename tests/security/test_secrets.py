@@ -14,7 +14,7 @@ from django.urls import reverse
 from allegro.logging import JsonFormatter, TextFormatter
 from tests.factories import UserFactory
 from tests.reprocess.factories import grant_reprocess, make_batch
-from tests.security.urls import endpoints
+from tests.security.endpoints import endpoints
 from usage_sync.billing import AriaClient
 from usage_sync.models import SyncActivity, UsageRecord
 from usage_sync.sync import sync_batch
