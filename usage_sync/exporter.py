@@ -34,7 +34,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from reprocess.models import ReprocessRun
+from reprocess.models import ReprocessLevel, ReprocessRun
 
 from .models import AggregatedBatch, BatchStatus, RecordStatus, UsageEvent
 
@@ -146,10 +146,10 @@ def database_families() -> list:
         .values("level")
         .annotate(runs=Count("id"), records=Sum("records_selected"))
     }
-    for level in ReprocessRun._meta.get_field("level").choices:
-        row = counts.get(level[0], {})
-        runs.add_metric([level[0]], row.get("runs", 0))
-        queued.add_metric([level[0]], row.get("records") or 0)
+    for level in ReprocessLevel.values:
+        row = counts.get(level, {})
+        runs.add_metric([level], row.get("runs", 0))
+        queued.add_metric([level], row.get("records") or 0)
     return [records, batches, incomplete, oldest, unaggregated, stored, runs, queued]
 
 
