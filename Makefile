@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SOAK_SECONDS ?= 120
 
-.PHONY: run test bench lint clean
+.PHONY: run test bench soak lint clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -24,6 +25,11 @@ test: $(STAMP)
 ## Benchmarks: JSON lines on stdout (needs PostgreSQL; see README).
 bench: $(STAMP)
 	$(PY) manage.py bench
+
+## Soak: steady ingest with aggregation, sync and console reads alongside for SOAK_SECONDS
+## (default 120), then drain and reconcile; JSON lines on stdout (needs PostgreSQL, Redis).
+soak: $(STAMP)
+	$(PY) manage.py soak --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
