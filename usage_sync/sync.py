@@ -98,22 +98,30 @@ def _reconcile_in_doubt(batch_id: int, client: AriaClient) -> int:
     span = in_doubt.aggregate(first=Min("usage_date"), last=Max("usage_date"))
     if span["first"] is None:
         return 0
-    accounts = set(in_doubt.values_list("client_acct_id", "acct_no").distinct())
-    last = span["last"] + timedelta(days=1)
-    stored = client.stored_client_record_ids(
-        accounts=sorted(accounts, key=lambda a: (a[0], a[1] or 0)),
-        date_range=(_aria_date(span["first"]), _aria_date(last)),
-    )
-    now = timezone.now()
-    with transaction.atomic():
-        found = in_doubt.filter(client_record_id__in=stored).update(
-            status=RecordStatus.COMPLETE, sent_at=None, completed_at=now, updated_at=now
+    # order_by(): the model's ordering (id) would make DISTINCT return one row per record.
+    accounts = in_doubt.order_by().values_list("client_acct_id", "acct_no").distinct()
+    date_range = (_aria_date(span["first"]), _aria_date(span["last"] + timedelta(days=1)))
+    found = 0
+    # One account at a time, each committed: when core Aria fails now and then (flapping,
+    # timeouts), every lookup that got through is kept and the next attempt asks only for
+    # the accounts left. All-or-nothing, a batch of several accounts could retry forever.
+    for client_acct_id, acct_no in sorted(accounts, key=lambda a: (a[0], a[1] or 0)):
+        stored = client.stored_client_record_ids(
+            accounts=[(client_acct_id, acct_no)], date_range=date_range
         )
-        # The rest were never stored: they go out again as ordinary PENDING records.
-        in_doubt.update(sent_at=None, updated_at=now)
-        refresh_batch_counts(batch_id)
+        account_in_doubt = in_doubt.filter(client_acct_id=client_acct_id, acct_no=acct_no)
+        now = timezone.now()
+        with transaction.atomic():
+            n = account_in_doubt.filter(client_record_id__in=stored).update(
+                status=RecordStatus.COMPLETE, sent_at=None, completed_at=now, updated_at=now
+            )
+            # The rest were never stored: they go out again as ordinary PENDING records.
+            account_in_doubt.update(sent_at=None, updated_at=now)
+            refresh_batch_counts(batch_id)
+        if n:
+            metrics.RECORD_OUTCOMES.labels(RecordStatus.COMPLETE, "reconciled").inc(n)
+        found += n
     if found:
-        metrics.RECORD_OUTCOMES.labels(RecordStatus.COMPLETE, "reconciled").inc(found)
         logger.warning(
             "batch %s: %d records in doubt were already in core Aria; marked COMPLETE",
             batch_id,
