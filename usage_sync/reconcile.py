@@ -307,6 +307,7 @@ def _check_aria(scope: _Scope, client: AriaClient, report, advance) -> None:
     span = records.values_list("usage_date", flat=True)
     first, last = span.order_by("usage_date").first(), span.order_by("-usage_date").first()
     held: Counter[str] = Counter()
+    unchecked = 0
     accounts = _accounts(scope.since)
     report.checked["aria_accounts"] = len(accounts)
     if first is not None:
@@ -317,6 +318,7 @@ def _check_aria(scope: _Scope, client: AriaClient, report, advance) -> None:
                     client.stored_client_record_id_counts(accounts=[account], date_range=date_range)
                 )
             except AriaTransportError as exc:
+                unchecked += 1
                 report.problems.append(
                     f"core Aria could not be checked for account {account[0] or account[1]}: {exc}"
                 )
@@ -334,22 +336,27 @@ def _check_aria(scope: _Scope, client: AriaClient, report, advance) -> None:
                 f"INSERT INTO {_ARIA} (client_record_id, copies) VALUES (%s, %s)",
                 rows[start:start + _INSERT_CHUNK],
             )
-        _compare_with_aria(cursor, scope, report)
+        _compare_with_aria(cursor, scope, report, complete_ones=not unchecked)
         cursor.execute(f"DROP TABLE {_ARIA}")
     advance(1)
 
 
-def _compare_with_aria(cursor, scope: _Scope, report: ReconcileReport) -> None:
+def _compare_with_aria(cursor, scope: _Scope, report: ReconcileReport, *,
+                       complete_ones: bool) -> None:
     params = scope.params
+    if not complete_ones:
+        # An account went unchecked: its COMPLETE records would all look missing.
+        report.checked["aria_missing"] = 0
     sql = f"""
         SELECT r.id, r.client_record_id FROM {_RECORD} r
         LEFT JOIN {_ARIA} a ON a.client_record_id = r.client_record_id
         WHERE {scope.on('r.usage_date')} AND r.status = 'COMPLETE' AND a.copies IS NULL
     """
-    report.checked["aria_missing"] = _report(
-        cursor, report, sql, params,
-        lambda _id, cid: f"record {cid} is COMPLETE here but core Aria does not hold it",
-    )
+    if complete_ones:
+        report.checked["aria_missing"] = _report(
+            cursor, report, sql, params,
+            lambda _id, cid: f"record {cid} is COMPLETE here but core Aria does not hold it",
+        )
     sql = f"""
         SELECT a.client_record_id, a.copies, COALESCE(r.status, '') FROM {_ARIA} a
         LEFT JOIN {_RECORD} r ON r.client_record_id = a.client_record_id
