@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
@@ -99,6 +99,15 @@ CONSUME_TASK = "usage_sync.tasks.consume_aggregated_batches"
 
 class BenchmarkError(Exception):
     """A benchmark could not run or its result failed verification."""
+
+
+def _no_phase(phase: str) -> None:
+    return None
+
+
+# Each bench_* function calls its `on_phase` with the phase it starts, for the command's
+# progress bar (a note after the bar, on a terminal only).
+PhaseListener = Callable[[str], None]
 
 
 # --- the dedicated database ------------------------------------------------------------
@@ -228,19 +237,23 @@ def bench_ingest_api(
     request_size: int = INGEST_REQUEST_SIZE,
     workers: int = 2,
     client_counts: tuple[int, ...] = (1, 2),
+    on_phase: PhaseListener = _no_phase,
 ) -> Iterator[dict]:
     """POST `events` events in requests of `request_size` to gunicorn, once per client count.
 
     The bodies are serialized before the clock starts; each run starts from an empty
     event table and ends by checking that every event was stored exactly once.
     """
+    on_phase("serializing request bodies")
     bodies = _ingest_bodies(events=events, request_size=request_size)
     user = get_user_model().objects.create_user("bench", password=secrets.token_urlsafe())
     token = Token.objects.create(user=user).key
+    on_phase("starting gunicorn")
     with _gunicorn(database_url=database_url, workers=workers) as base_url:
         url = f"{base_url}/api/v1/usage-events/"
         _warm_up(url, token=token, requests_count=4 * workers)
         for clients in client_counts:
+            on_phase(f"posting with {clients} client{'s' if clients > 1 else ''}")
             _truncate(UsageEvent)
             started = time.perf_counter()
             latencies, created = _post_concurrently(
@@ -433,7 +446,9 @@ def _percentile(values: list[float], percent: float) -> float:
 # --- aggregation -----------------------------------------------------------------------
 
 
-def bench_aggregation(*, events: int = AGGREGATION_EVENTS) -> dict:
+def bench_aggregation(
+    *, events: int = AGGREGATION_EVENTS, on_phase: PhaseListener = _no_phase
+) -> dict:
     """Aggregate `events` generated events; compare with one bare INSERT … SELECT … GROUP BY.
 
     The bare statement runs twice (rolled back) and the second, warm-cache run counts: the
@@ -444,6 +459,7 @@ def bench_aggregation(*, events: int = AGGREGATION_EVENTS) -> dict:
     now = timezone.now()
     boundary = window_boundary(now=now, frequency=config.frequency, grace=config.lateness_grace)
     _truncate(UsageEvent, UsageRecord, AggregatedBatch)
+    on_phase(f"generating {events:,} events")
     seconds_to_generate = _generate_events(
         count=events, start=boundary - WINDOWS * config.frequency
     )
@@ -456,10 +472,12 @@ def bench_aggregation(*, events: int = AGGREGATION_EVENTS) -> dict:
         "commit_and_rest is mostly COMMIT, where PostgreSQL runs the deferred foreign-key "
         "checks (Django creates them DEFERRABLE INITIALLY DEFERRED) of every linked event."
     )
+    on_phase("bare INSERT … SELECT")
     cold = _time_bare_aggregation(config, boundary=boundary)
     bare = _time_bare_aggregation(config, boundary=boundary)
     logger.info("aggregation: bare INSERT … SELECT %.2f s (cold run %.2f s)", bare, cold)
 
+    on_phase("aggregate_usage")
     timer = _StatementTimer()
     with connection.execute_wrapper(timer):
         started = time.perf_counter()
@@ -470,6 +488,7 @@ def bench_aggregation(*, events: int = AGGREGATION_EVENTS) -> dict:
         seconds, {kind: round(s, 2) for kind, s in timer.seconds.items()},
     )
 
+    on_phase("verifying")
     _verify_aggregation(result, events=events)
     ratio = seconds / bare
     return {
@@ -644,7 +663,9 @@ def _verify_aggregation(result, *, events: int) -> None:
 # --- sync end to end --------------------------------------------------------------------
 
 
-def bench_sync(*, database_url: str, records: int = SYNC_RECORDS) -> dict:
+def bench_sync(
+    *, database_url: str, records: int = SYNC_RECORDS, on_phase: PhaseListener = _no_phase
+) -> dict:
     """Sync `records` aggregated records end to end; compare with a bare loop of POSTs.
 
     End to end: the batch ids are published to a tansu broker, and one Celery worker
@@ -654,6 +675,7 @@ def bench_sync(*, database_url: str, records: int = SYNC_RECORDS) -> dict:
     memory is sampled meanwhile. The bare loop then POSTs the same bulk_record_usage_m
     payloads, serialized beforehand, one after the other from one requests.Session.
     """
+    on_phase(f"aggregating {records:,} records")
     batch_ids = _aggregate_sync_records(records)
     payloads = _bulk_payloads(batch_ids)
     expected_ids = [cid for payload in payloads for cid in payload.client_record_ids]
@@ -663,12 +685,14 @@ def bench_sync(*, database_url: str, records: int = SYNC_RECORDS) -> dict:
             with _tansu(log=logs / "tansu.log") as bootstrap, _simulator(
                 log=logs / "simulator.log"
             ) as simulator:
+                on_phase("syncing end to end")
                 run = _sync_end_to_end(
                     batch_ids=batch_ids, records=records, database_url=database_url,
                     bootstrap=bootstrap, aria_url=f"{simulator}/v1/core", logs=logs,
                 )
                 billed_once = _billed_once(simulator, expected_ids=expected_ids)
                 _reset_simulator(simulator)
+                on_phase("bare POST loop")
                 bare, bare_latencies = _post_bare(f"{simulator}/v1/core", payloads=payloads)
         except BenchmarkError as exc:
             raise BenchmarkError(f"{exc}\n{_log_tails(logs)}") from exc
@@ -949,7 +973,9 @@ def _wait_until_synced(
 # --- reprocess-all ---------------------------------------------------------------------
 
 
-def bench_reprocess(*, database_url: str, records: int = REPROCESS_RECORDS) -> dict:
+def bench_reprocess(
+    *, database_url: str, records: int = REPROCESS_RECORDS, on_phase: PhaseListener = _no_phase
+) -> dict:
     """Reprocess-all over `records` ERROR records (1009) in batches of SYNC_BATCH_SIZE.
 
     The records are aggregated set-based, as for the sync benchmark, for accounts the
@@ -959,6 +985,7 @@ def bench_reprocess(*, database_url: str, records: int = REPROCESS_RECORDS) -> d
     `POST /api/v1/reprocess/all/` goes to gunicorn over HTTP: api_seconds runs until its
     202, resync_seconds from sending it until every record is COMPLETE.
     """
+    on_phase(f"preparing {records:,} ERROR records")
     batch_ids = _aggregate_sync_records(records, account_prefix=REPROCESS_ACCOUNT_PREFIX)
     _fail_as_unknown_accounts(batch_ids, records=records)
     expected_ids = list(
@@ -980,6 +1007,7 @@ def bench_reprocess(*, database_url: str, records: int = REPROCESS_RECORDS) -> d
                 log=logs / "simulator.log"
             ) as simulator:
                 _add_simulator_accounts(simulator, accounts)
+                on_phase("starting a worker and gunicorn")
                 with _sync_worker(
                     database_url=database_url, bootstrap=bootstrap,
                     aria_url=f"{simulator}/v1/core", logs=logs,
@@ -992,6 +1020,7 @@ def bench_reprocess(*, database_url: str, records: int = REPROCESS_RECORDS) -> d
                     with _gunicorn(
                         database_url=database_url, workers=1, extra_env=kafka
                     ) as base_url:
+                        on_phase("reprocess all, then the re-sync")
                         api_seconds, resync_seconds = _time_reprocess_all(
                             base_url, token=token, batch_ids=batch_ids, records=records,
                             worker=worker,
@@ -1311,7 +1340,8 @@ CONSOLE_ERROR_CODES = ["1010", "3020", "5001"]
 
 
 def bench_console(*, records: int = CONSOLE_RECORDS, batches: int = CONSOLE_BATCHES,
-                  requests_count: int = CONSOLE_REQUESTS) -> dict:
+                  requests_count: int = CONSOLE_REQUESTS,
+                  on_phase: PhaseListener = _no_phase) -> dict:
     """Server time of the console's heavy pages over `records` records in `batches` batches.
 
     A third of the batches are incomplete (ERROR records with a few error codes, and PENDING
@@ -1323,6 +1353,7 @@ def bench_console(*, records: int = CONSOLE_RECORDS, batches: int = CONSOLE_BATC
     # At least 100 records a batch, so a scaled-down run still has ERROR and PENDING lines.
     batches = max(3, min(batches, records // 100))
     per_batch = max(1, records // batches)
+    on_phase(f"seeding {records:,} records")
     seeded = _seed_console_records(batches=batches, per_batch=per_batch)
     user = get_user_model().objects.create_user("bench-console", password=secrets.token_hex(8))
     user.user_permissions.add(Permission.objects.get(codename="reprocess_usage"))
@@ -1339,6 +1370,7 @@ def bench_console(*, records: int = CONSOLE_RECORDS, batches: int = CONSOLE_BATC
         "records_by_status": f"{records_url}?" + urlencode({"status": "ERROR"}),
     }
     results = {}
+    on_phase("timing the pages")
     with override_settings(ALLOWED_HOSTS=["*"], DEBUG=False):
         for name, url in pages.items():
             times = []

@@ -245,6 +245,9 @@ def test_bench_draws_its_bar_on_a_terminal_stderr_and_keeps_stdout_json_lines():
     screen = terminal.decode(errors="replace")
     assert "Benchmarks: 100%" in screen
     assert "1/1" in screen
+    # The note names the phase under way.
+    assert "console: seeding 300 records" in screen
+    assert "console: timing the pages" in screen
     assert not database_exists(name=name, server=server_settings(settings.DATABASES["default"]))
 
 

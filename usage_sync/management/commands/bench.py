@@ -100,14 +100,18 @@ class Command(BaseCommand):
             try:
                 for name in plan:
                     advance(0, note=name)
+
+                    def on_phase(phase: str, name=name) -> None:
+                        advance(0, note=f"{name}: {phase}")
+
                     for result in self._results(name, events=events, workers=workers,
-                                                clients=clients):
+                                                clients=clients, on_phase=on_phase):
                         self._emit({**result, "machine": machine})
                         advance(1)
             except benchmarks.BenchmarkError as exc:
                 raise CommandError(str(exc)) from exc
 
-    def _results(self, name: str, *, events, workers, clients):
+    def _results(self, name: str, *, events, workers, clients, on_phase):
         """Yield the result dicts of one benchmark (ingest: one per client count)."""
         database_url = os.environ["DATABASE_URL"]
         if name == "ingest":
@@ -116,19 +120,26 @@ class Command(BaseCommand):
                 events=events or benchmarks.INGEST_EVENTS,
                 workers=workers,
                 client_counts=tuple(clients),
+                on_phase=on_phase,
             )
         elif name == "aggregation":
-            yield benchmarks.bench_aggregation(events=events or benchmarks.AGGREGATION_EVENTS)
+            yield benchmarks.bench_aggregation(
+                events=events or benchmarks.AGGREGATION_EVENTS, on_phase=on_phase
+            )
         elif name == "sync":
             yield benchmarks.bench_sync(
-                database_url=database_url, records=events or benchmarks.SYNC_RECORDS
+                database_url=database_url, records=events or benchmarks.SYNC_RECORDS,
+                on_phase=on_phase,
             )
         elif name == "reprocess":
             yield benchmarks.bench_reprocess(
-                database_url=database_url, records=events or benchmarks.REPROCESS_RECORDS
+                database_url=database_url, records=events or benchmarks.REPROCESS_RECORDS,
+                on_phase=on_phase,
             )
         elif name == "console":
-            yield benchmarks.bench_console(records=events or benchmarks.CONSOLE_RECORDS)
+            yield benchmarks.bench_console(
+                records=events or benchmarks.CONSOLE_RECORDS, on_phase=on_phase
+            )
 
     def _emit(self, result: dict) -> None:
         self.stdout.write(json.dumps(result))
