@@ -100,6 +100,12 @@ def test_every_setting_the_application_reads_is_passed_to_it(name):
     assert not missing, f"{name} does not pass on {sorted(missing)}"
 
 
+def test_the_proxy_header_defaults_to_x_forwarded_proto_but_can_be_emptied():
+    # "${VAR-default}", not "${VAR:-default}": an empty value in .env must stay empty.
+    value = SERVICES["web"]["environment"]["SECURE_PROXY_SSL_HEADER"]
+    assert value == "${SECURE_PROXY_SSL_HEADER-X-Forwarded-Proto}"
+
+
 def test_production_runs_without_debug_and_with_json_logs():
     environment = SERVICES["web"]["environment"]
     assert environment["DEBUG"] == "false"
