@@ -29,9 +29,11 @@ simulator holds. Results are plain dicts (JSON lines); human notes go to the log
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import re
 import secrets
 import tempfile
 import threading
@@ -112,19 +114,26 @@ CONSOLE_PAGES = ("incomplete_batches", "batch_error_summary", "records", "activi
 assert DUPLICATE_LAG % DUPLICATE_EVERY and DUPLICATE_LAG >= REQUEST_SIZE
 
 
-def soak(*, database_url: str, seconds: float = DEFAULT_SECONDS, rate: float = DEFAULT_RATE):
+def soak(
+    *, database_url: str, seconds: float = DEFAULT_SECONDS, rate: float = DEFAULT_RATE,
+    logs: Path | None = None,
+):
     """Run the soak; return its result dicts, the last a summary with `ok`.
 
     `ok` is false when an invariant fails, the pipeline did not drain, or any request
-    failed (HTTP 5xx, another unexpected status, or no answer).
+    failed (HTTP 5xx, another unexpected status, or no answer). The processes' logs go to
+    `logs` when given (kept), else to a temporary directory.
     """
     machine = machine_facts()
     config = _configure_aggregation()
     token = _ingest_token()
     operator = _operator()
     errors = _Errors()
-    with tempfile.TemporaryDirectory(prefix="allegro-soak-") as log_dir:
-        logs = Path(log_dir)
+    with contextlib.ExitStack() as stack:
+        if logs is None:
+            logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="allegro-soak-")))
+        else:
+            logs.mkdir(parents=True, exist_ok=True)
         try:
             with _tansu(log=logs / "tansu.log") as bootstrap, _simulator(
                 log=logs / "simulator.log", accounts=SYNC_ACCOUNTS
@@ -159,13 +168,10 @@ def soak(*, database_url: str, seconds: float = DEFAULT_SECONDS, rate: float = D
                 report = reconcile(client=AriaClient(url=aria_url))
         except BenchmarkError as exc:
             raise BenchmarkError(f"{exc}\n{_log_tails(logs)}") from exc
-        tracebacks = {
-            path.name: path.read_text(errors="replace").count("Traceback")
-            for path in sorted(logs.glob("*.log"))
-        }
+        worker_log = _WorkerLog((logs / "worker.log").read_text(errors="replace"))
     return _results(
         run=run, report=report, errors=errors, seconds=seconds, rate=rate,
-        worker_memory=worker_memory, tracebacks=tracebacks, machine=machine,
+        worker_memory=worker_memory, worker_log=worker_log, machine=machine,
     )
 
 
@@ -531,7 +537,16 @@ def _ms(values: list[float], percent: float) -> float | None:
     return round(_percentile(values, percent) * 1000, 1) if values else None
 
 
-def _results(*, run, report, errors, seconds, rate, worker_memory, tracebacks, machine):
+class _WorkerLog:
+    """What the worker's log says went wrong: failed tasks by name, aggregation races."""
+
+    def __init__(self, text: str):
+        self.failed_tasks = Counter(re.findall(r"Task (\S+?)\[[0-9a-f-]+\] raised", text))
+        self.aggregation_races = text.count("aggregation raced with ingest")
+        self.tracebacks = text.count("Traceback")
+
+
+def _results(*, run, report, errors, seconds, rate, worker_memory, worker_log, machine):
     ingest, console, beat = run["ingest"], run["console"], run["beat"]
     stored = UsageEvent.objects.count()
     problems = list(report.problems)
@@ -547,6 +562,15 @@ def _results(*, run, report, errors, seconds, rate, worker_memory, tracebacks, m
         )
     error_summary = errors.summary()
     ok = not problems and not error_summary["http_5xx"] and not error_summary["other"]
+    failed_runs = worker_log.failed_tasks[AGGREGATE_TASK]
+    warnings = []
+    if worker_log.failed_tasks:
+        # Not a failed soak: the drain shows nothing was lost. But a run that fails under
+        # load leaves usage unbilled until the load stops: say so.
+        warnings.append(
+            f"tasks failed in the worker: {dict(worker_log.failed_tasks)}; "
+            f"{worker_log.aggregation_races} aggregation attempts raced with ingest"
+        )
 
     runs = SyncActivity.objects.filter(action_name="AGGREGATE", actor="scheduler")
     run_ms = list(runs.values_list("duration_ms", flat=True))
@@ -589,7 +613,11 @@ def _results(*, run, report, errors, seconds, rate, worker_memory, tracebacks, m
         {
             "benchmark": "soak_aggregation",
             "tasks_sent": beat.sent[AGGREGATE_TASK],
+            # Runs that aggregated something (each leaves an activity entry), runs whose
+            # task failed, and attempts retried after events arrived mid-run.
             "runs": len(run_ms),
+            "runs_failed": failed_runs,
+            "race_retries": worker_log.aggregation_races,
             "records": runs.aggregate(n=Sum("record_count"))["n"] or 0,
             "batches": AggregatedBatch.objects.count(),
             "run_ms_p50": _percentile(run_ms, 50) if run_ms else None,
@@ -629,7 +657,9 @@ def _results(*, run, report, errors, seconds, rate, worker_memory, tracebacks, m
             "wall_seconds": round(run["run_seconds"], 1),
             "drained": run["drained"],
             "errors": error_summary,
-            "tracebacks_in_logs": tracebacks,
+            "failed_tasks": dict(worker_log.failed_tasks),
+            "worker_log_tracebacks": worker_log.tracebacks,
+            "warnings": warnings,
             "invariants": {
                 "ok": not problems,
                 "checked": report.checked,

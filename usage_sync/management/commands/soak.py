@@ -3,6 +3,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 from django.conf import settings
 from django.core.management import call_command
@@ -37,16 +38,20 @@ class Command(BaseCommand):
             default=soak.DEFAULT_DATABASE_NAME,
             help=f"the database to create and drop (default {soak.DEFAULT_DATABASE_NAME})",
         )
+        parser.add_argument(
+            "--logs", type=Path, metavar="DIR",
+            help="keep the processes' logs (tansu, simulator, worker) in DIR",
+        )
         # Internal: the child process run with DATABASE_URL set to the soak database.
         parser.add_argument("--inside", help=argparse.SUPPRESS)
 
-    def handle(self, *args, seconds, rate, database_name, inside=None, **options):
+    def handle(self, *args, seconds, rate, database_name, logs=None, inside=None, **options):
         if seconds <= 0 or rate <= 0:
             raise CommandError("--seconds and --rate must be positive")
         # SIGTERM unwinds like Ctrl-C, so the servers are stopped and the database dropped.
         signal.signal(signal.SIGTERM, benchmarks.raise_system_exit)
         if inside:
-            self._soak(database_name=inside, seconds=seconds, rate=rate)
+            self._soak(database_name=inside, seconds=seconds, rate=rate, logs=logs)
             return
         server = benchmarks.server_settings(settings.DATABASES["default"])
         try:
@@ -55,13 +60,15 @@ class Command(BaseCommand):
                     sys.executable, str(settings.BASE_DIR / "manage.py"), "soak",
                     "--inside", database_name, "--seconds", str(seconds), "--rate", str(rate),
                 ]
+                if logs:
+                    command += ["--logs", str(logs.resolve())]
                 status = benchmarks.run_child(command, database_url=url)
         except benchmarks.BenchmarkError as exc:
             raise CommandError(str(exc)) from exc
         if status:
             raise CommandError(f"the soak failed (exit status {status}); see above")
 
-    def _soak(self, *, database_name, seconds, rate):
+    def _soak(self, *, database_name, seconds, rate, logs):
         if connection.vendor != "postgresql" or connection.settings_dict["NAME"] != database_name:
             raise CommandError(
                 f"--inside {database_name}: DATABASE_URL does not point at that database"
@@ -69,7 +76,7 @@ class Command(BaseCommand):
         call_command("migrate", verbosity=0, interactive=False)
         try:
             results = soak.soak(
-                database_url=os.environ["DATABASE_URL"], seconds=seconds, rate=rate
+                database_url=os.environ["DATABASE_URL"], seconds=seconds, rate=rate, logs=logs
             )
         except benchmarks.BenchmarkError as exc:
             raise CommandError(str(exc)) from exc
@@ -77,6 +84,8 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(result))
         self.stdout.flush()
         summary = results[-1]
+        for warning in summary["warnings"]:
+            self.stderr.write(f"WARNING: {warning}")
         if not summary["ok"]:
             invariants = summary["invariants"]
             for problem in invariants["problems"]:

@@ -1,0 +1,95 @@
+"""The soak command end to end: real processes, JSON lines, invariants checked."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+from django.conf import settings
+
+from usage_sync.benchmarks import database_exists, server_settings
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
+
+KEYS = {
+    "soak_ingest": {
+        "seconds", "target_events_per_s", "events_per_s", "events_sent", "events_distinct",
+        "events_stored", "duplicates_answered", "unknown_account_events", "requests",
+        "latency_p50_ms", "latency_p95_ms",
+    },
+    "soak_aggregation": {"tasks_sent", "runs", "runs_failed", "records", "batches"},
+    "soak_sync": {
+        "records_synced", "records_per_s", "records_by_status", "errors_by_code", "calls",
+        "call_ms_p50", "call_ms_p95", "drain_seconds", "worker",
+    },
+    "soak_console": {"pages"},
+    "soak_summary": {
+        "seconds", "rate", "drained", "errors", "failed_tasks", "warnings", "invariants", "ok",
+        "machine",
+    },
+}
+
+
+@pytest.fixture
+def database_name():
+    """Name a soak database of this test's own, so a real `make soak` is left alone."""
+    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+        pytest.skip("needs PostgreSQL (set DATABASE_URL)")
+    return f"allegro_soak_test_{uuid.uuid4().hex[:12]}"
+
+
+def soak(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    command = [sys.executable, "manage.py", "soak", *args]
+    process = subprocess.Popen(
+        command, cwd=settings.BASE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # the command stops its processes and drops its database
+        try:
+            process.communicate(timeout=120)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"soak did not finish within {timeout:.0f} s")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_a_short_soak_ingests_syncs_reads_the_console_and_reconciles(database_name):
+    run = soak(
+        "--seconds", "12", "--rate", "40", "--database-name", database_name, timeout=400
+    )
+
+    assert run.returncode == 0, run.stderr[-5000:]
+    results = {r["benchmark"]: r for r in map(json.loads, run.stdout.splitlines())}
+    assert list(results) == list(KEYS)
+    for name, keys in KEYS.items():
+        assert keys <= results[name].keys(), name
+    ingest, sync = results["soak_ingest"], results["soak_sync"]
+    assert ingest["events_per_s"] > 0
+    # Re-sent event ids were answered as duplicates and stored once.
+    assert ingest["duplicates_answered"] == ingest["events_sent"] - ingest["events_distinct"] > 0
+    assert ingest["events_stored"] == ingest["events_distinct"]
+    # Unknown accounts made the simulator refuse records: errors are part of the mix.
+    assert ingest["unknown_account_events"] > 0
+    assert sync["errors_by_code"].get("1009", 0) > 0
+    assert sync["records_by_status"].get("COMPLETE", 0) > 0
+    assert "PENDING" not in sync["records_by_status"]
+    assert sync["records_per_s"] > 0
+    assert results["soak_aggregation"]["records"] > 0
+    assert all(page["requests"] > 0 for page in results["soak_console"]["pages"].values())
+    summary = results["soak_summary"]
+    assert summary["ok"] is True
+    assert summary["drained"] is True
+    assert summary["errors"]["http_5xx"] == 0
+    assert summary["invariants"]["ok"] is True, summary["invariants"]["problems"]
+    assert summary["invariants"]["checked"]["records_complete"] == (
+        sync["records_by_status"]["COMPLETE"]
+    )
+    assert not database_exists(
+        name=database_name, server=server_settings(settings.DATABASES["default"])
+    )
