@@ -76,7 +76,8 @@ class RecordFilter(django_filters.FilterSet):
     def filter_account(self, queryset, name, value):
         value = value.strip()
         match = Q(client_acct_id=value)
-        if value.isdigit():
+        # isdecimal, not isdigit: int() refuses "²"; an acct_no has at most 19 digits.
+        if value.isdecimal() and len(value) <= 19:
             match |= Q(acct_no=int(value))
         return queryset.filter(match)
 

@@ -7,6 +7,7 @@ from django import forms
 from django.contrib import messages
 from django.contrib.auth.mixins import LoginRequiredMixin, PermissionRequiredMixin
 from django.core.exceptions import PermissionDenied
+from django.core.paginator import EmptyPage
 from django.db import transaction
 from django.db.models import Count, Max, Q, Sum
 from django.db.models.functions import TruncDate
@@ -38,6 +39,19 @@ from .reprocess import ReprocessError, reprocess_run_create
 from .tables import AccountTable, ActivityTable, BatchTable, RecordTable
 
 REPROCESS_PERM = "reprocess.reprocess_usage"
+
+
+class BoundedLazyPaginator(LazyPaginator):
+    """LazyPaginator (no COUNT(*)), answering a page number past any real page with 404
+    instead of an OFFSET too large for PostgreSQL's bigint (a 500)."""
+
+    MAX_PAGE = 10**12
+
+    def validate_number(self, number):
+        number = super().validate_number(number)
+        if number > self.MAX_PAGE:
+            raise EmptyPage("That page contains no results")
+        return number
 
 
 class ConsoleMixin(LoginRequiredMixin):
@@ -148,7 +162,7 @@ class BatchListView(ConsoleMixin, SingleTableMixin, FilterView):
     def get_context_data(self, **kwargs):
         run = None
         run_id = self.request.GET.get("run", "")
-        if run_id.isdigit():
+        if run_id.isdecimal():  # not isdigit: "²" is a digit int() refuses
             run = ReprocessRun.objects.filter(pk=run_id).first()
         return super().get_context_data(run=run, **kwargs)
 
@@ -189,7 +203,7 @@ class ReprocessView(ConsoleMixin, PermissionRequiredMixin, View):
         batch = data.get("batch", "")
         return {
             "level": data.get("level", ""),
-            "batch_id": int(batch) if batch.isdigit() else None,
+            "batch_id": int(batch) if batch.isdecimal() else None,
             "error_code": data.get("error_code", ""),
             "status": data.get("status", ""),
         }
@@ -251,7 +265,7 @@ class RecordListView(ConsoleMixin, SingleTableMixin, FilterView):
     table_class = RecordTable
     filterset_class = ConsoleRecordFilter
     paginate_by = 50
-    paginator_class = LazyPaginator
+    paginator_class = BoundedLazyPaginator
     queryset = UsageRecord.objects.all()
     nav = "records"
 
@@ -309,7 +323,7 @@ class ActivityListView(ConsoleMixin, SingleTableMixin, FilterView):
     table_class = ActivityTable
     filterset_class = ActivityFilterForConsole
     paginate_by = 50
-    paginator_class = LazyPaginator
+    paginator_class = BoundedLazyPaginator
     queryset = SyncActivity.objects.all()
     nav = "activity"
 
@@ -401,10 +415,12 @@ class AccountListView(ConsoleMixin, SingleTableView):
 
     def get_queryset(self):
         records = UsageRecord.objects.order_by()
-        query = self.request.GET.get("q", "").strip()
+        # PostgreSQL text holds no NUL: a "%00" in the search is dropped, not a 500.
+        query = self.request.GET.get("q", "").replace("\x00", "").strip()
         if query:
             match = Q(client_acct_id__icontains=query)
-            if query.isdigit():
+            # isdecimal, not isdigit: int() refuses "²"; an acct_no has at most 19 digits.
+            if query.isdecimal() and len(query) <= 19:
                 match |= Q(acct_no=int(query))
             records = records.filter(match)
         return records.values("client_acct_id", "acct_no").annotate(

@@ -195,3 +195,43 @@ def test_reprocess_input_errors_name_the_field(operator_api, published):
 
     assert response.status_code == 400
     assert set(response.json()["errors"]) == {"error_code", "dry_run"}
+
+
+# --- junk in query strings -----------------------------------------------------------------
+
+# NUL (PostgreSQL text refuses it), a digit int() refuses, a number past bigint, a
+# negative, a long non-ASCII string.
+JUNK = ["a\x00b", "²", "9" * 30, "-1", "é" * 300]
+PARAMS = ["q", "account", "batch", "error_code", "status", "level", "start_date", "end_date",
+          "sort", "ordering", "page", "page_size", "run", "incomplete", "cursor"]
+
+
+def get_pages(ids):
+    from tests.security.endpoints import endpoints
+
+    return [e.url(**ids) for e in endpoints()
+            if (e.is_api or e.is_console_page) and e.route not in ("logout/",)]
+
+
+# Committed data (transactional_db): a database error in one request cannot poison the next.
+@pytest.mark.parametrize("junk", JUNK, ids=repr)
+def test_junk_in_any_query_parameter_of_any_page_is_never_a_500(
+    transactional_db, operator, junk, published
+):
+    from django.test import Client
+
+    from reprocess.models import ReprocessRun
+
+    client = Client(raise_request_exception=False)
+    client.force_login(operator)
+    batch = make_batch(errors={"1009": 1})
+    run = ReprocessRun.objects.create(level="BATCH", batch=batch, actor="x")
+    ids = {"batch_id": batch.id, "run_id": run.id}
+    failures = []
+    for url in get_pages(ids):
+        for param in PARAMS:
+            response = client.get(url, {param: junk, "level": "BATCH"} if param != "level"
+                                  else {param: junk})
+            if response.status_code >= 500:
+                failures.append(f"{url}?{param}={junk!r}")
+    assert failures == [], "\n".join(failures)

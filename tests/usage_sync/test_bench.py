@@ -120,7 +120,7 @@ def test_it_drops_its_database_when_a_benchmark_fails(database_name):
 
     assert run.returncode != 0
     assert run.stdout == ""
-    assert "ingest answered 400" in run.stderr
+    assert "ingest answered 413" in run.stderr  # the body is over the limit
     assert not bench_database_exists(database_name)
 
 
