@@ -213,3 +213,17 @@ def test_api_posts_with_a_session_need_the_csrf_token(ids, csrf_client, endpoint
 def test_logging_out_needs_the_csrf_token(csrf_client):
     assert csrf_client.post(reverse("logout")).status_code == 403
     assert csrf_client.get(reverse("console:overview")).status_code == 200
+
+
+def test_logging_in_needs_the_csrf_token(db):
+    user = UserFactory()
+    client = Client(enforce_csrf_checks=True)
+
+    refused = client.post(LOGIN, {"username": user.username, "password": "correct horse battery"})
+    client.get(LOGIN)
+    accepted = client.post(LOGIN, {"username": user.username,
+                                   "password": "correct horse battery",
+                                   "csrfmiddlewaretoken": client.cookies["csrftoken"].value})
+
+    assert refused.status_code == 403
+    assert accepted.status_code == 302 and accepted["Location"] == reverse("console:overview")
