@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count, F, Max, Min, Q
 from django.utils import timezone
 
@@ -65,7 +65,8 @@ def retry_delay(attempt: int) -> timedelta:
 def sync_batch(*, batch_id: int, client: AriaClient | None = None) -> SyncResult:
     """Claim the batch, reconcile records in doubt, send the PENDING ones, store outcomes."""
     client = client or AriaClient()
-    if not _claim(batch_id):
+    claimed_at = _claim(batch_id)
+    if claimed_at is None:
         return SyncResult(Outcome.SKIPPED, batch_id)
     try:
         reconciled = _reconcile_in_doubt(batch_id, client)
@@ -73,21 +74,68 @@ def sync_batch(*, batch_id: int, client: AriaClient | None = None) -> SyncResult
     except AriaTransportError as exc:
         _release_for_retry(batch_id, str(exc), client)
         return SyncResult(Outcome.RETRY, batch_id, detail=str(exc))
-    except BaseException:
-        # Leave records as they are (in doubt if sent); the stale claim lets a retry in.
+    except Exception as exc:
+        # Records sent stay in doubt (sent_at set): the next claim reconciles them first.
         logger.exception("sync of batch %s failed unexpectedly", batch_id)
+        _release_after_error(batch_id, claimed_at, exc)
+        raise
+    except BaseException:
+        # The process is going away; the stale claim lets a retry in.
+        logger.exception("sync of batch %s interrupted", batch_id)
         raise
 
 
-def _claim(batch_id: int) -> bool:
+def _claim(batch_id: int) -> datetime | None:
+    """Claim the batch (compare-and-set); return the claim's time, or None if not ours."""
     now = timezone.now()
     free = ~Q(status=BatchStatus.IN_PROCESS) | Q(sync_started_at__lt=now - claim_stale_after())
-    return (
-        AggregatedBatch.objects.filter(free, id=batch_id, pending_count__gt=0).update(
-            status=BatchStatus.IN_PROCESS, sync_started_at=now, updated_at=now
-        )
-        == 1
+    claimed = AggregatedBatch.objects.filter(free, id=batch_id, pending_count__gt=0).update(
+        status=BatchStatus.IN_PROCESS, sync_started_at=now, updated_at=now
     )
+    return now if claimed == 1 else None
+
+
+def _release_after_error(batch_id: int, claimed_at: datetime, exc: Exception) -> None:
+    """Give the batch back for a retry with backoff after an unexpected error.
+
+    Found by tests/faults (PostgreSQL connection dropped while storing an outcome): the
+    batch stayed claimed, the redelivered id was skipped and committed, and the batch
+    waited for the claim to go stale and the republish sweep (minutes). Now the sweep
+    sends it again at `next_retry_at`. Best effort: if the database is still away, the
+    stale claim remains the fallback.
+    """
+    if not connection.in_atomic_block:
+        # A dropped connection is useless now; the ORM opens a fresh one on next use.
+        connection.close_if_unusable_or_obsolete()
+    now = timezone.now()
+    try:
+        attempt = AggregatedBatch.objects.get(pk=batch_id).sync_attempts + 1
+        with transaction.atomic():
+            # Only our own claim: another worker may have taken a stale one over meanwhile.
+            released = AggregatedBatch.objects.filter(
+                pk=batch_id, status=BatchStatus.IN_PROCESS, sync_started_at=claimed_at
+            ).update(
+                status=BatchStatus.PENDING,
+                sync_attempts=attempt,
+                next_retry_at=now + retry_delay(attempt),
+                updated_at=now,
+            )
+            if released:
+                SyncActivity.objects.create(
+                    action_name="BULK_RECORD_USAGE",
+                    object_name=f"Batch {batch_id}",
+                    batch_id=batch_id,
+                    status=SyncActivity.Status.ERROR,
+                    error_code="UNEXPECTED",
+                    error_message=f"{type(exc).__name__}: {exc}"[:500],
+                    details={"retry_at": (now + retry_delay(attempt)).isoformat(),
+                             "attempt": attempt},
+                )
+    except Exception:
+        logger.exception(
+            "batch %s: could not release the claim after the error; it is retried once "
+            "the claim is stale", batch_id,
+        )
 
 
 def _reconcile_in_doubt(batch_id: int, client: AriaClient) -> int:

@@ -4,7 +4,13 @@ import pytest
 
 from tests.faults.conftest import wait_for_call
 from tests.services import wait_for
-from usage_sync.models import AggregatedBatch, RecordStatus, UsageEvent, UsageRecord
+from usage_sync.models import (
+    AggregatedBatch,
+    RecordStatus,
+    SyncActivity,
+    UsageEvent,
+    UsageRecord,
+)
 from usage_sync.publishing import publish_batches
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e, pytest.mark.postgres]
@@ -40,6 +46,9 @@ def test_a_connection_dropped_while_storing_an_outcome_leaves_records_in_doubt_n
     [batch_id] = stack.aggregate(batch_size=100)
     # Aria stores the records at once and answers 1.5 s later (the timeout is 2 s).
     stack.simulator.configure(late_answer_seconds=1.5)
+    # A claim goes stale only after 5 minutes here: the worker must give the batch back
+    # itself (it used to stay claimed, its redelivered id skipped).
+    stack.env["SYNC_CLAIM_STALE_SECONDS"] = "300"
     stack.start_worker("w")
     publish_batches([batch_id])
     wait_for_call(stack, "bulk_record_usage_m")
@@ -56,6 +65,7 @@ def test_a_connection_dropped_while_storing_an_outcome_leaves_records_in_doubt_n
     assert len(stack.simulator.records()) == 4
 
     stack.assert_reconciled()
+    assert SyncActivity.objects.filter(batch_id=batch_id, error_code="UNEXPECTED").exists()
     # They were found in core Aria, not sent again.
     bulk = [c for c in stack.simulator.calls() if c["rest_call"] == "bulk_record_usage_m"]
     assert len(bulk) == 1
