@@ -20,7 +20,9 @@ KEYS = {
         "events_stored", "duplicates_answered", "unknown_account_events", "requests",
         "latency_p50_ms", "latency_p95_ms",
     },
-    "soak_aggregation": {"tasks_sent", "runs", "runs_failed", "records", "batches"},
+    "soak_aggregation": {
+        "tasks_sent", "runs", "runs_failed", "records", "batches", "events_unaggregated_at_stop",
+    },
     "soak_sync": {
         "records_synced", "records_per_s", "records_by_status", "errors_by_code", "calls",
         "call_ms_p50", "call_ms_p95", "drain_seconds", "worker",
