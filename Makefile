@@ -28,8 +28,9 @@ bench: $(STAMP)
 
 ## Soak: steady ingest with aggregation, sync and console reads alongside for SOAK_SECONDS
 ## (default 120), then drain and reconcile; JSON lines on stdout (needs PostgreSQL, Redis).
+# Not echoed: the command line would be the first line of stdout.
 soak: $(STAMP)
-	$(PY) manage.py soak --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
+	@$(PY) manage.py soak --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
