@@ -239,7 +239,8 @@ def _progress_note(ingest: _Ingest) -> str:
 def _drain(beat: _Beat, *, worker) -> bool:
     """Keep the beat going until every event is aggregated and no record is PENDING."""
     deadline = time.monotonic() + DRAIN_TIMEOUT
-    with progress("Drain", unit="check") as advance:
+    beat.hurry()  # the last events should not wait out the period
+    with progress("Drain", unit=" check") as advance:
         while time.monotonic() < deadline:
             unlinked = UsageEvent.objects.filter(record__isnull=True).count()
             pending = UsageRecord.objects.filter(status=RecordStatus.PENDING).count()
@@ -489,6 +490,10 @@ class _Beat:
             self._send(SWEEP_TASK, expires=SWEEP_EVERY * 4)
         if self._due(CONSUME_TASK, CONSUMER_RESTART_EVERY):
             self._send(CONSUME_TASK, expires=CONSUMER_RESTART_EVERY)
+
+    def hurry(self) -> None:
+        """Make every task due at the next tick."""
+        self._last.clear()
 
     def _due(self, task: str, every: float) -> bool:
         now = time.monotonic()
