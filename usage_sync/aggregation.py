@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
 from .models import AggregatedBatch, AggregationConfig, SyncActivity, UsageEvent, UsageRecord
@@ -75,15 +75,25 @@ def aggregate_usage(
     """
     now = now or timezone.now()
     on_step = on_step or _ignore_step
+    # A run of its own transaction reads one snapshot (REPEATABLE READ), so its link sees
+    # exactly the events its stage saw: events that arrive meanwhile wait for the next
+    # run instead of failing this one. Inside a caller's transaction (tests) that is not
+    # possible, and the count check below still catches a race.
+    snapshot = connection.vendor == "postgresql" and not connection.in_atomic_block
     for attempt in range(1, 4):
         try:
-            result = _aggregate_once(now=now, actor=actor, on_step=on_step)
+            result = _aggregate_once(now=now, actor=actor, on_step=on_step, snapshot=snapshot)
         except AggregationRace:
             logger.warning("aggregation raced with ingest, retrying (attempt %d)", attempt)
+        except OperationalError as exc:
+            # The configuration row changed after the snapshot was taken (another run).
+            if getattr(exc.__cause__, "sqlstate", None) != "40001":
+                raise
+            logger.warning("aggregation serialization failure, retrying (attempt %d)", attempt)
         else:
             on_step("commit")
             return result
-    result = _aggregate_once(now=now, actor=actor, on_step=on_step)
+    result = _aggregate_once(now=now, actor=actor, on_step=on_step, snapshot=snapshot)
     on_step("commit")
     return result
 
@@ -94,9 +104,12 @@ def _ignore_step(step: str) -> None:
 
 @transaction.atomic
 def _aggregate_once(
-    *, now: datetime, actor: str, on_step: Callable[[str], None]
+    *, now: datetime, actor: str, on_step: Callable[[str], None], snapshot: bool = False
 ) -> AggregationResult:
     started = time.monotonic()
+    if snapshot:
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     AggregationConfig.load()
     # The guard: concurrent runs queue here and then see the events already linked.
     config = AggregationConfig.objects.select_for_update().get(pk=1)
