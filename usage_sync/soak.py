@@ -121,9 +121,9 @@ def soak(
 ):
     """Run the soak; return its result dicts, the last a summary with `ok`.
 
-    `ok` is false when an invariant fails, the pipeline did not drain, or any request
-    failed (HTTP 5xx, another unexpected status, or no answer). The processes' logs go to
-    `logs` when given (kept), else to a temporary directory.
+    `ok` is false when an invariant fails, the pipeline did not drain, a worker task
+    failed, or any request failed (HTTP 5xx, another unexpected status, or no answer).
+    The processes' logs go to `logs` when given (kept), else to a temporary directory.
     """
     machine = machine_facts()
     config = _configure_aggregation()
@@ -583,16 +583,18 @@ def _results(*, run, report, errors, seconds, rate, worker_memory, worker_log, m
             f"{run['final_run_events']} events left)"
         )
     error_summary = errors.summary()
-    ok = not problems and not error_summary["http_5xx"] and not error_summary["other"]
     failed_runs = worker_log.failed_tasks[AGGREGATE_TASK]
     warnings = []
     if worker_log.failed_tasks:
-        # Not a failed soak: the drain shows nothing was lost. But a run that fails under
-        # load leaves usage unbilled until the load stops: say so.
-        warnings.append(
+        # A task that fails under load (an aggregation run, say) leaves usage unbilled
+        # until the load stops, even when the drain then shows nothing was lost.
+        problems.append(
             f"tasks failed in the worker: {dict(worker_log.failed_tasks)}; "
             f"{worker_log.aggregation_races} aggregation attempts raced with ingest"
         )
+    elif worker_log.aggregation_races:
+        warnings.append(f"{worker_log.aggregation_races} aggregation attempts were retried")
+    ok = not problems and not error_summary["http_5xx"] and not error_summary["other"]
 
     runs = SyncActivity.objects.filter(action_name="AGGREGATE", actor="scheduler")
     run_ms = list(runs.values_list("duration_ms", flat=True))
@@ -684,11 +686,12 @@ def _results(*, run, report, errors, seconds, rate, worker_memory, worker_log, m
             "worker_log_tracebacks": worker_log.tracebacks,
             "warnings": warnings,
             "invariants": {
-                "ok": not problems,
+                "ok": report.ok,
                 "checked": report.checked,
-                "problems": problems[:20],
-                "problem_count": len(problems),
+                "problems": report.problems[:20],
+                "problem_count": len(report.problems),
             },
+            "problems": problems[:20],
             "ok": ok,
             "machine": machine,
         },

@@ -29,8 +29,8 @@ KEYS = {
     },
     "soak_console": {"pages"},
     "soak_summary": {
-        "seconds", "rate", "drained", "errors", "failed_tasks", "warnings", "invariants", "ok",
-        "machine",
+        "seconds", "rate", "drained", "errors", "failed_tasks", "warnings", "invariants",
+        "problems", "ok", "machine",
     },
 }
 
@@ -88,6 +88,7 @@ def test_a_short_soak_ingests_syncs_reads_the_console_and_reconciles(database_na
     assert summary["ok"] is True
     assert summary["drained"] is True
     assert summary["errors"]["http_5xx"] == 0
+    assert summary["failed_tasks"] == {}
     assert summary["invariants"]["ok"] is True, summary["invariants"]["problems"]
     assert summary["invariants"]["checked"]["records_complete"] == (
         sync["records_by_status"]["COMPLETE"]
