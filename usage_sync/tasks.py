@@ -84,11 +84,17 @@ def consume_aggregated_batches(self) -> None:
     if lock is None:
         return  # this worker already runs all the consumers it may
     stop_key = _stop_key(hostname)
+
+    def should_stop() -> bool:
+        # A lost slot (Redis restarted empty) means beat may start another consumer in
+        # it: stop, so a worker never runs more consumers than its pool has slots for.
+        return client.exists(stop_key) > 0 or not lock.owned()
+
     try:
-        handled = consumer.consume_batches(
-            should_stop=lambda: client.exists(stop_key) > 0,
-            max_seconds=lifetime,
-        )
+        handled = consumer.consume_batches(should_stop=should_stop, max_seconds=lifetime)
         logger.info("consumer on %s handled %d batch ids", hostname, handled)
     finally:
-        lock.release()
+        try:
+            lock.release()
+        except redis.exceptions.LockError:
+            pass  # already gone with a Redis restart; nothing of ours to release
