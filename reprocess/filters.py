@@ -35,6 +35,20 @@ def day_range(field: str, noun: str) -> tuple[django_filters.DateFilter, django_
     )
 
 
+class StableOrderingFilter(django_filters.OrderingFilter):
+    """Sort by the chosen columns, then by id, so rows with equal values never move
+    between pages; an empty choice keeps the view's default order."""
+
+    def filter(self, qs, value):
+        ordered = super().filter(qs, value)
+        fields = list(ordered.query.order_by)
+        if not fields:
+            return qs
+        if not {"id", "-id", "pk", "-pk"} & set(fields):
+            ordered = ordered.order_by(*fields, "id")
+        return ordered
+
+
 class BatchFilter(django_filters.FilterSet):
     """Incomplete-batch view: Start Date, End Date, Sync Status (seed: "Filters")."""
 
@@ -44,7 +58,7 @@ class BatchFilter(django_filters.FilterSet):
         method="filter_incomplete", label="Incomplete",
         help_text="true: batches with PENDING or ERROR records; false: the others.",
     )
-    ordering = django_filters.OrderingFilter(
+    ordering = StableOrderingFilter(
         fields=["window_start", "id", "total_count", "error_count", "pending_count",
                 "completed_count"],
     )
@@ -87,7 +101,7 @@ class ActivityFilter(django_filters.FilterSet):
 
     status = django_filters.ChoiceFilter(choices=SyncActivity.Status.choices, label="Status")
     start_date, end_date = day_range("created_at", "Entries created")
-    ordering = django_filters.OrderingFilter(
+    ordering = StableOrderingFilter(
         fields=["id", "status", "action_name", "object_name"],
     )
 

@@ -277,3 +277,29 @@ def test_the_schema_describes_every_endpoint(api_client):
     assert {"start_date", "end_date", "status", "incomplete", "ordering", "page"} <= batch_params
     record_params = {p["name"] for p in paths["/api/v1/records/"]["get"]["parameters"]}
     assert {"batch", "error_code", "status", "account", "cursor"} <= record_params
+
+
+@pytest.mark.parametrize(
+    "ordering, key",
+    [
+        ("completed_count", lambda b: (b.completed_count, b.id)),
+        ("-error_count", lambda b: (-b.error_count, b.id)),
+        # An empty choice keeps the default order: latest window first.
+        (",", lambda b: (-b.window_start.timestamp(), -b.sequence)),
+    ],
+)
+def test_batch_pages_have_a_stable_order_whatever_the_sort(operator, ordering, key):
+    # Ties are broken by id, so a batch never appears on two pages or on none.
+    for n in range(5):
+        make_batch(complete=1, errors={"1009": n % 2})
+    # An UPDATE moves the first batch's row to the end of the table: without the
+    # tie-break a scan would return it last among its equals.
+    first = AggregatedBatch.objects.order_by("id").first()
+    AggregatedBatch.objects.filter(pk=first.pk).update(updated_at=first.updated_at)
+    seen = []
+    url = f"/api/v1/batches/?ordering={ordering}&page_size=2"
+    while url:
+        body = operator.get(url).json()
+        seen += [b["id"] for b in body["results"]]
+        url = body["next"]
+    assert seen == [b.id for b in sorted(AggregatedBatch.objects.all(), key=key)]
