@@ -6,7 +6,6 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.factories import UserFactory
-from tests.reprocess.conftest import published  # noqa: F401  (no broker: record publishes)
 from tests.reprocess.factories import grant_reprocess, make_batch
 from usage_sync.models import RecordStatus, UsageRecord
 from usage_sync.sync import refresh_batch_counts

@@ -2,7 +2,6 @@ import pytest
 from django.test import Client
 
 from tests.factories import UserFactory
-from tests.reprocess.conftest import published  # noqa: F401  (the reprocess fixture)
 from tests.reprocess.factories import grant_reprocess
 
 

@@ -6,7 +6,6 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.factories import UserFactory
-from tests.reprocess.conftest import published  # noqa: F401  (reprocess publishes nothing)
 from tests.reprocess.factories import grant_reprocess
 
 
