@@ -6,6 +6,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.factories import UserFactory
+from tests.reprocess.factories import grant_reprocess
 from tests.services import AUTH_KEY, CLIENT_NO, Broker, Simulator
 
 
@@ -69,3 +70,11 @@ def published(monkeypatch):
 
     monkeypatch.setattr("usage_sync.publishing.publish_batches", fake_publish)
     return calls
+
+
+@pytest.fixture
+def operator(db):
+    """A user allowed to reprocess."""
+    user = UserFactory()
+    grant_reprocess(user)
+    return user

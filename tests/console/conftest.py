@@ -2,15 +2,6 @@ import pytest
 from django.test import Client
 
 from tests.factories import UserFactory
-from tests.reprocess.factories import grant_reprocess
-
-
-@pytest.fixture
-def operator(db):
-    """A logged-in user allowed to reprocess."""
-    user = UserFactory()
-    grant_reprocess(user)
-    return user
 
 
 @pytest.fixture

@@ -6,15 +6,6 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.factories import UserFactory
-from tests.reprocess.factories import grant_reprocess
-
-
-@pytest.fixture
-def operator(db):
-    """A user allowed to reprocess."""
-    user = UserFactory()
-    grant_reprocess(user)
-    return user
 
 
 @pytest.fixture
