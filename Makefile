@@ -16,24 +16,24 @@ $(STAMP): pyproject.toml
 
 ## Start the whole stack on embedded defaults (Ctrl-C stops everything).
 run: $(STAMP)
-	$(PY) -m allegro.devstack
+	$(PY) -m devtools.devstack
 
-## Run the whole test suite.
+## Run the whole test suite (on PostgreSQL: DATABASE_URL, the machine's, or an embedded one).
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m devtools.with_services $(PY) -m pytest $(PYTEST_ARGS)
 
-## Benchmarks: JSON lines on stdout (needs PostgreSQL; see README).
+## Benchmarks: JSON lines on stdout, in a database of their own.
 bench: $(STAMP)
-	$(PY) manage.py bench
+	@$(PY) -m devtools.with_services $(PY) manage.py bench $(BENCH_ARGS)
 
 ## Soak: steady ingest with aggregation, sync and console reads alongside for SOAK_SECONDS
-## (default 120), then drain and reconcile; JSON lines on stdout (needs PostgreSQL, Redis).
+## (default 120), then drain and reconcile; JSON lines on stdout.
 # Not echoed: the command line would be the first line of stdout.
 soak: $(STAMP)
-	@$(PY) manage.py soak --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
+	@$(PY) -m devtools.with_services $(PY) manage.py soak --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) db.sqlite3 var
+	rm -rf $(VENV) var

@@ -88,14 +88,13 @@ TEMPLATES = [
     },
 ]
 
-# SQLite is only the zero-setup default for `make run`; CI and production use PostgreSQL.
-DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # Writers wait for each other instead of failing with "database is locked", and take
-    # the write lock when a transaction begins, so aggregation runs serialize as on PostgreSQL.
-    DATABASES["default"].setdefault("OPTIONS", {}).update(
-        {"timeout": 30, "transaction_mode": "IMMEDIATE"}
-    )
+# PostgreSQL everywhere. Unset, the machine's own server; `make run` and `make test` set it
+# to an embedded PostgreSQL when none answers there (devtools/services.py).
+DATABASES = {
+    "default": env.db("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/postgres")
+}
+if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    raise environ.ImproperlyConfigured("DATABASE_URL must name a PostgreSQL database")
 # Keep connections between requests and consumer messages; check them before reuse.
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True

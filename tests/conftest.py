@@ -1,7 +1,6 @@
-"""Shared fixtures. Tests run on the database of DATABASE_URL (PostgreSQL in CI)."""
+"""Shared fixtures. Tests run on the PostgreSQL of DATABASE_URL (`make test` finds one)."""
 
 import pytest
-from django.db import connection
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -22,12 +21,6 @@ def api_client(user):
     token = Token.objects.create(user=user)
     client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
     return client
-
-
-@pytest.fixture
-def postgres_only():
-    if connection.vendor != "postgresql":
-        pytest.skip("needs PostgreSQL (set DATABASE_URL)")
 
 
 @pytest.fixture

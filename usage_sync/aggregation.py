@@ -79,7 +79,7 @@ def aggregate_usage(
     # exactly the events its stage saw: events that arrive meanwhile wait for the next
     # run instead of failing this one. Inside a caller's transaction (tests) that is not
     # possible, and the count check below still catches a race.
-    snapshot = connection.vendor == "postgresql" and not connection.in_atomic_block
+    snapshot = not connection.in_atomic_block
     for attempt in range(1, 4):
         try:
             result = _aggregate_once(now=now, actor=actor, on_step=on_step, snapshot=snapshot)
@@ -116,16 +116,15 @@ def _aggregate_once(
     boundary = window_boundary(now=now, frequency=config.frequency, grace=config.lateness_grace)
     last_record_id = UsageRecord.objects.order_by("-id").values_list("id", flat=True).first() or 0
 
-    sql = _Sql(connection.vendor, config)
+    sql = _Sql(config)
     params = {
         "boundary": connection.ops.adapt_datetimefield_value(boundary),
         "batch_size": config.batch_size,
         "now": connection.ops.adapt_datetimefield_value(now),
     }
     with connection.cursor() as cursor:
-        if sql.vendor == "postgresql":
-            # The grouping and the link join sort or hash up to millions of rows.
-            cursor.execute("SET LOCAL work_mem = '64MB'")
+        # The grouping and the link join sort or hash up to millions of rows.
+        cursor.execute("SET LOCAL work_mem = '64MB'")
         cursor.execute(f"DROP TABLE IF EXISTS {_STAGE}")
         cursor.execute(sql.stage(), params)
         cursor.execute(f"SELECT COUNT(*), COALESCE(SUM(event_count), 0) FROM {_STAGE}")
@@ -136,7 +135,7 @@ def _aggregate_once(
             batch_ids = sorted(row[0] for row in cursor.fetchall())
             on_step("batches")
             cursor.execute(sql.insert_records(), params)
-            if sql.vendor == "postgresql" and staged_records >= _ANALYZE_ABOVE:
+            if staged_records >= _ANALYZE_ABOVE:
                 # Fresh statistics, or the planner takes 240k new records for 4k and picks
                 # a plan that re-reads the events table from disk.
                 cursor.execute(f"ANALYZE {sql.record}")
@@ -179,10 +178,9 @@ def _aggregate_once(
 
 
 class _Sql:
-    """The run's statements, for PostgreSQL or SQLite (the zero-setup default)."""
+    """The run's statements."""
 
-    def __init__(self, vendor: str, config: AggregationConfig):
-        self.vendor = vendor
+    def __init__(self, config: AggregationConfig):
         self.seconds = int(config.frequency.total_seconds())
         self.qualifiers = config.grouped_qualifiers
         self.event = UsageEvent._meta.db_table
@@ -190,21 +188,13 @@ class _Sql:
         self.batch = AggregatedBatch._meta.db_table
 
     def window_start(self, column: str) -> str:
-        if self.vendor == "postgresql":
-            return (
-                f"date_bin(interval '{self.seconds} seconds', {column}, "
-                "timestamptz '1970-01-01 00:00:00+00')"
-            )
-        # SQLite keeps datetimes as UTC text; bin on epoch seconds, print the same format.
         return (
-            f"datetime((CAST(strftime('%%s', {column}) AS INTEGER) / {self.seconds})"
-            f" * {self.seconds}, 'unixepoch')"
+            f"date_bin(interval '{self.seconds} seconds', {column}, "
+            "timestamptz '1970-01-01 00:00:00+00')"
         )
 
     def window_end(self, column: str) -> str:
-        if self.vendor == "postgresql":
-            return f"{column} + interval '{self.seconds} seconds'"
-        return f"datetime({column}, '+{self.seconds} seconds')"
+        return f"{column} + interval '{self.seconds} seconds'"
 
     def qualifier(self, n: int, table: str = "") -> str:
         prefix = f"{table}." if table else ""

@@ -583,7 +583,7 @@ def _time_bare_aggregation(config: AggregationConfig, *, boundary) -> float:
 
     It writes into a scratch table inside a transaction that is rolled back.
     """
-    statements = _Sql(connection.vendor, config)
+    statements = _Sql(config)
     qualifiers = ", ".join(f"{statements.qualifier(n)}" for n in range(1, 5))
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("""

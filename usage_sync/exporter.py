@@ -54,7 +54,7 @@ def database_families() -> list:
     2. Unaggregated events: COUNT over the partial index `event_unaggregated_idx`, which
        holds only events not yet aggregated (few, between two aggregation runs). Stored
        events: PostgreSQL's own row estimate (pg_class.reltuples, kept fresh by
-       autovacuum), not a COUNT(*) over millions of rows; exact on SQLite (development).
+       autovacuum), not a COUNT(*) over millions of rows.
     3. Reprocess runs by level: one row per operator request, a small table.
     """
     records = GaugeMetricFamily(
@@ -154,16 +154,15 @@ def database_families() -> list:
 
 
 def _stored_events() -> int:
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
-                [UsageEvent._meta.db_table],
-            )
-            estimate = cursor.fetchone()[0]
-        if estimate >= 0:
-            return estimate
-        # -1: never vacuumed or analyzed yet, so the table is new and small.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+            [UsageEvent._meta.db_table],
+        )
+        estimate = cursor.fetchone()[0]
+    if estimate >= 0:
+        return estimate
+    # -1: never vacuumed or analyzed yet, so the table is new and small.
     return UsageEvent.objects.count()
 
 

@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 
 from django.db import connection, transaction
-from django.utils import timezone
 
 from . import metrics
 from .models import UsageEvent
@@ -274,10 +273,7 @@ def store_events(events: list[ValidEvent]) -> StoreResult:
     if not events:
         return StoreResult(received=0, created=0, duplicates=0)
     with transaction.atomic():
-        if connection.vendor == "postgresql":
-            created = _store_postgresql(events)
-        else:
-            created = _store_generic(events)
+        created = _insert(events)
         duplicates = len(events) - created
         # Counted when the events are durable, not when an outer transaction may still roll back.
         transaction.on_commit(lambda: _count_ingested(created, duplicates))
@@ -302,7 +298,7 @@ _PG_TYPES = (
 )
 
 
-def _store_postgresql(events: list[ValidEvent]) -> int:
+def _insert(events: list[ValidEvent]) -> int:
     # One INSERT … SELECT FROM unnest(arrays): a single round trip per request.
     table = UsageEvent._meta.db_table
     columns = ", ".join(COLUMNS)
@@ -317,24 +313,3 @@ def _store_postgresql(events: list[ValidEvent]) -> int:
         cursor.execute(sql, params)
         return cursor.rowcount
 
-
-def _store_generic(events: list[ValidEvent]) -> int:
-    # SQLite (the `make run` default): INSERT OR IGNORE, rowcount sums the inserted rows.
-    table = UsageEvent._meta.db_table
-    columns = ", ".join(COLUMNS)
-    marks = ", ".join(["%s"] * len(COLUMNS))
-    sql = f"INSERT OR IGNORE INTO {table} ({columns}, received_at) VALUES ({marks}, %s)"
-    ops = connection.ops
-
-    def adapt(value):
-        if isinstance(value, datetime):
-            return ops.adapt_datetimefield_value(value)
-        if isinstance(value, Decimal):
-            return str(value)
-        return value
-
-    now = adapt(timezone.now())
-    rows = [(*map(adapt, _row(e)), now) for e in events]
-    with connection.cursor() as cursor:
-        cursor.executemany(sql, rows)
-        return cursor.rowcount

@@ -199,7 +199,7 @@ def redis_server(tmp_path):
 
 
 @pytest.fixture
-def stack(postgres_only, tmp_path, settings, broker, simulator, redis_server):
+def stack(tmp_path, settings, broker, simulator, redis_server):
     stack = FaultStack(tmp_path, settings, broker, simulator, redis_server)
     yield stack
     stack.close()

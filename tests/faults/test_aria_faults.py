@@ -9,7 +9,7 @@ from tests.faults.conftest import wait_for_call
 from usage_sync.models import RecordStatus, SyncActivity, UsageRecord
 from usage_sync.publishing import publish_batches
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e, pytest.mark.postgres]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 
 # Latency drawn in [1.4, 2.4] s against the suite's 2 s timeout. The seed makes the first
 # calls' draws known: the first one times out (after core Aria stored its records, since the

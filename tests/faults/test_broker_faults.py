@@ -6,7 +6,7 @@ from tests.services import wait_for
 from usage_sync.models import AggregatedBatch, BatchStatus
 from usage_sync.publishing import publish_batches
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e, pytest.mark.postgres]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 
 
 def test_a_broker_restarted_mid_stream_loses_its_messages_and_the_sweep_recovers(stack):

@@ -13,7 +13,7 @@ from usage_sync.models import (
 )
 from usage_sync.publishing import publish_batches
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e, pytest.mark.postgres]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 
 
 def test_a_connection_dropped_mid_aggregation_rolls_back_and_the_next_run_aggregates_all(stack):

@@ -16,7 +16,7 @@ from usage_sync.models import (
 )
 from usage_sync.publishing import publish_batches
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e, pytest.mark.postgres]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 
 
 def test_a_worker_killed_mid_aggregation_leaves_nothing_half_done(stack):

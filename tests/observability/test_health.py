@@ -7,11 +7,11 @@ import time
 import pytest
 from django.db import connections
 
-from tests.services import free_port
+from tests.services import free_port, redis_db_url
 
 pytestmark = pytest.mark.django_db
 
-REDIS_TEST_URL = "redis://127.0.0.1:6379/10"
+REDIS_TEST_URL = redis_db_url(10)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from usage_sync.sync import sync_batch
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
 
-pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
+pytestmark = [pytest.mark.django_db]
 
 
 def events(*numbers: int) -> list[dict]:
@@ -38,7 +38,7 @@ def delta(before, after, name, **labels) -> float:
 
 @responses.activate
 def test_each_step_moves_its_metrics_by_exactly_what_it_did(
-    postgres_only, single_process, scrape, api_client, kafka, settings,
+    single_process, scrape, api_client, kafka, settings,
     django_capture_on_commit_callbacks,
 ):
     ensure_topic(timeout=10)
@@ -112,7 +112,7 @@ def test_each_step_moves_its_metrics_by_exactly_what_it_did(
     assert reprocessed.total("allegro_collector_up", collector="database") == 1
 
 
-def test_it_counts_the_oldest_pending_record_from_its_batch(postgres_only, single_process,
+def test_it_counts_the_oldest_pending_record_from_its_batch(single_process,
                                                              scrape, api_client):
     from datetime import timedelta
 

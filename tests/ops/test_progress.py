@@ -199,7 +199,6 @@ def test_reprocess_wait_refuses_a_dry_run(published):
 # --- bench ---------------------------------------------------------------------------------
 
 
-@pytest.mark.postgres
 def test_bench_draws_its_bar_on_a_terminal_stderr_and_keeps_stdout_json_lines():
     if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
         pytest.skip("needs PostgreSQL (set DATABASE_URL)")
@@ -238,7 +237,6 @@ def test_bench_draws_its_bar_on_a_terminal_stderr_and_keeps_stdout_json_lines():
     assert not database_exists(name=name, server=server_settings(settings.DATABASES["default"]))
 
 
-@pytest.mark.postgres
 def test_bench_writes_no_bar_when_stderr_is_not_a_terminal():
     if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
         pytest.skip("needs PostgreSQL (set DATABASE_URL)")

@@ -252,9 +252,7 @@ def test_invalid_requests_fail_with_a_clear_message(published, kwargs, kind, mes
 
 
 @pytest.mark.django_db(transaction=True)
-def test_two_overlapping_requests_at_the_same_moment_queue_each_record_once(
-    postgres_only, published
-):
+def test_two_overlapping_requests_at_the_same_moment_queue_each_record_once(published):
     batches = [make_batch(complete=1, errors={"1009": 3, "1017": 2}) for _ in range(4)]
     error_records = UsageRecord.objects.filter(status="ERROR").count()
     barrier = threading.Barrier(2)

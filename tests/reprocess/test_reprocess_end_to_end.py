@@ -11,14 +11,14 @@ import pytest
 import redis
 
 from tests.reprocess.factories import grant_reprocess
-from tests.services import SyncStack
+from tests.services import SyncStack, redis_db_url
 from usage_sync.aggregation import aggregate_usage
 from usage_sync.ingest import store_events, validate_events
 from usage_sync.models import AggregatedBatch, AggregationConfig, UsageRecord
 from usage_sync.publishing import publish_batches
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
-REDIS_DB_URL = "redis://127.0.0.1:6379/12"
+REDIS_DB_URL = redis_db_url(12)
 # Per window: one record Aria knows, one of an account it learns later (1009), and one of a
 # usage type it learns later (the simulator's 1017).
 GROUPS = [("ACME-001", "API_CALLS"), ("NEWCO-001", "API_CALLS"), ("ACME-002", "NEWCO_UNITS")]
@@ -59,7 +59,7 @@ class Pipeline(SyncStack):
 
 
 @pytest.fixture
-def pipeline(postgres_only, tmp_path, settings, broker, simulator):
+def pipeline(tmp_path, settings, broker, simulator):
     redis.Redis.from_url(REDIS_DB_URL).flushdb()
     pipeline = Pipeline(
         tmp_path, settings, broker, simulator, redis_url=REDIS_DB_URL, partitions=3

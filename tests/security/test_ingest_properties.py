@@ -17,7 +17,7 @@ from usage_sync.models import UsageEvent
 
 URL = "/api/v1/usage-events/"
 
-pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("postgres_only")]
+pytestmark = pytest.mark.django_db
 
 PROPERTY = settings(
     max_examples=60,

@@ -21,7 +21,7 @@ from usage_sync.sync import Outcome, sync_batch
 
 URL = "http://aria.test/v1/core"
 
-pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("postgres_only")]
+pytestmark = pytest.mark.django_db
 
 # What core Aria may say about a record: any code, any message, even characters the
 # database cannot store (NUL, lone surrogates: both arrive as JSON escapes).

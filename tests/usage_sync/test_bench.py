@@ -13,8 +13,6 @@ from django.conf import settings
 
 from usage_sync.benchmarks import database_exists, server_settings
 
-pytestmark = pytest.mark.postgres
-
 INGEST_KEYS = {
     "benchmark", "events", "requests", "clients", "server", "seconds", "events_per_s",
     "target", "met", "latency_p50_ms", "latency_p95_ms", "rows_verified", "machine",

@@ -12,7 +12,7 @@ from django.conf import settings
 
 from usage_sync.benchmarks import database_exists, server_settings
 
-pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
+pytestmark = pytest.mark.e2e
 
 KEYS = {
     "soak_ingest": {

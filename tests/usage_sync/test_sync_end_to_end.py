@@ -15,7 +15,7 @@ import pytest
 import redis
 from django.db.models import Count
 
-from tests.services import SyncStack, wait_for
+from tests.services import SyncStack, redis_db_url, wait_for
 from usage_sync.aggregation import aggregate_usage
 from usage_sync.ingest import store_events, validate_events
 from usage_sync.models import (
@@ -28,7 +28,7 @@ from usage_sync.models import (
 from usage_sync.publishing import publish_batches
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
-REDIS_DB_URL = "redis://127.0.0.1:6379/13"
+REDIS_DB_URL = redis_db_url(13)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 
@@ -79,7 +79,7 @@ class Pipeline(SyncStack):
 
 
 @pytest.fixture
-def pipeline(postgres_only, tmp_path, settings, broker, simulator):
+def pipeline(tmp_path, settings, broker, simulator):
     redis.Redis.from_url(REDIS_DB_URL).flushdb()
     pipeline = Pipeline(tmp_path, settings, broker, simulator, redis_url=REDIS_DB_URL)
     yield pipeline

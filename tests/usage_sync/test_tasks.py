@@ -6,6 +6,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from tests.factories import UsageEventFactory
+from tests.services import redis_db_url
 from usage_sync import tasks
 from usage_sync.models import AggregationConfig, UsageRecord
 
@@ -48,7 +49,7 @@ def test_a_disabled_configuration_never_runs():
     assert not config.is_due(datetime(2030, 1, 1, tzinfo=UTC))
 
 
-REDIS_TEST_URL = "redis://127.0.0.1:6379/14"
+REDIS_TEST_URL = redis_db_url(14)
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ class Command(BaseCommand):
             raise CommandError(f"the soak failed (exit status {status}); see above")
 
     def _soak(self, *, database_name, seconds, rate, logs):
-        if connection.vendor != "postgresql" or connection.settings_dict["NAME"] != database_name:
+        if connection.settings_dict["NAME"] != database_name:
             raise CommandError(
                 f"--inside {database_name}: DATABASE_URL does not point at that database"
             )

