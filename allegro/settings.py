@@ -170,12 +170,6 @@ CELERY_BEAT_SCHEDULE = {
         "task": "usage_sync.tasks.publish_due_batches",
         "schedule": env.float("SYNC_SWEEP_INTERVAL_SECONDS", default=15.0),
     },
-    # Keeps one consumer running per worker; a duplicate exits at once (Redis lock).
-    "consume-batches": {
-        "task": "usage_sync.tasks.consume_aggregated_batches",
-        "schedule": env.float("SYNC_CONSUMER_RESTART_SECONDS", default=20.0),
-        "options": {"expires": env.float("SYNC_CONSUMER_RESTART_SECONDS", default=20.0)},
-    },
 }
 
 # Kafka transport and core Aria (used by the sync service).
@@ -185,21 +179,44 @@ KAFKA_AGGREGATED_TOPIC_PARTITIONS = env.int("KAFKA_AGGREGATED_TOPIC_PARTITIONS",
 KAFKA_CONSUMER_GROUP = env.str("KAFKA_CONSUMER_GROUP", default="allegro-usage-sync")
 # How soon the group notices a consumer that died (Kafka's minimum is usually 6 s).
 KAFKA_SESSION_TIMEOUT_MS = env.int("KAFKA_SESSION_TIMEOUT_MS", default=45_000)
+# How the group shares partitions: cooperative-sticky moves only the partitions that must
+# move when a worker comes or goes, so the others go on syncing through a rebalance.
+# Brokers that do not complete cooperative rebalances (the tansu of `make run` and the
+# tests) take "range".
+KAFKA_PARTITION_ASSIGNMENT_STRATEGY = env.str(
+    "KAFKA_PARTITION_ASSIGNMENT_STRATEGY", default="cooperative-sticky"
+)
 ARIA_API_URL = env.str("ARIA_API_URL", default="http://127.0.0.1:8765/v1/core")
 ARIA_CLIENT_NO = env.int("ARIA_CLIENT_NO", default=1000)
 ARIA_AUTH_KEY = env.str("ARIA_AUTH_KEY", default="simulator-auth-key")
 ARIA_TIMEOUT_SECONDS = env.float("ARIA_TIMEOUT_SECONDS", default=120.0)
-# A batch claimed longer ago than this is taken to be abandoned (its worker died).
+# A consumer that has not polled for this long (one sync taking longer) leaves the group
+# and its partitions move on; the batch's claim keeps the newcomer from sending it again.
+KAFKA_MAX_POLL_INTERVAL_MS = env.int(
+    "KAFKA_MAX_POLL_INTERVAL_MS", default=int(max(ARIA_TIMEOUT_SECONDS * 3, 300) * 1000)
+)
+# A batch claimed longer ago than this is taken to be abandoned (its worker died). A sync
+# renews its claim before each call to core Aria, so this must outlast one call.
 SYNC_CLAIM_STALE_SECONDS = env.float(
     "SYNC_CLAIM_STALE_SECONDS", default=ARIA_TIMEOUT_SECONDS + 60
 )
+# Records whose call's outcome is unknown (timeout, HTTP 5xx, an answer that cannot be
+# mapped) are looked up in core Aria only this long after they were sent: a gateway can time
+# out while core Aria's backend goes on storing them. 15 minutes is several times the
+# longest timeout Aria itself uses (5 minutes in its SDK tests, 120-200 s in integrations).
+SYNC_IN_DOUBT_SETTLE_SECONDS = env.float("SYNC_IN_DOUBT_SETTLE_SECONDS", default=900.0)
+for _name in ("SYNC_CLAIM_STALE_SECONDS", "SYNC_IN_DOUBT_SETTLE_SECONDS"):
+    if globals()[_name] <= ARIA_TIMEOUT_SECONDS:
+        raise environ.ImproperlyConfigured(
+            f"{_name} ({globals()[_name]:g}) must be longer than ARIA_TIMEOUT_SECONDS "
+            f"({ARIA_TIMEOUT_SECONDS:g}): a call may take that long"
+        )
 SYNC_RETRY_BASE_SECONDS = env.float("SYNC_RETRY_BASE_SECONDS", default=5.0)
 # A published batch still PENDING after this long is published again (lost message).
 SYNC_REPUBLISH_AFTER_SECONDS = env.float("SYNC_REPUBLISH_AFTER_SECONDS", default=600.0)
-# Consumers one worker runs side by side; its pool needs at least this many + 1 slots.
+# Kafka consumer processes each Celery worker runs beside its pool, for the worker's life
+# (usage_sync/consumer.py); they take no pool slot. 0: a worker that does not sync.
 SYNC_CONSUMERS_PER_WORKER = env.int("SYNC_CONSUMERS_PER_WORKER", default=2)
-# How long one consumer task runs before it hands over to the next beat-started one.
-SYNC_CONSUMER_LIFETIME_SECONDS = env.float("SYNC_CONSUMER_LIFETIME_SECONDS", default=300.0)
 
 # Logs: one JSON object per line in production, readable text lines when developing
 # (allegro/logging.py); Celery worker and beat use the same (allegro/celery.py).

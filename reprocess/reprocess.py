@@ -15,18 +15,14 @@ Guards:
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
-from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, Exists, OuterRef, Q, Subquery, Value
-from django.db.models.functions import Coalesce
+from django.db.models import Exists, OuterRef, Q, Value
 from django.utils import timezone
 
 from usage_sync import metrics, publishing
 from usage_sync.models import (
     AggregatedBatch,
-    BatchStatus,
     RecordStatus,
     SyncActivity,
     UsageRecord,
@@ -164,13 +160,11 @@ def _lock_batches(run: ReprocessRun) -> list[int]:
 
 def _free(run: ReprocessRun, batches) -> list[int]:
     """Return the ids of the batches no sync call is working on (no claim, or a stale one)."""
-    rows = list(batches.order_by("id").values_list("id", "status", "sync_started_at"))
-    stale = timezone.now() - timedelta(seconds=settings.SYNC_CLAIM_STALE_SECONDS)
-    free = [
-        batch_id
-        for batch_id, status, started in rows
-        if status != BatchStatus.IN_PROCESS or started is None or started < stale
-    ]
+    rows = list(batches.order_by("id").values_list("id", flat=True))
+    free = list(
+        AggregatedBatch.objects.filter(id__in=rows).claimable(timezone.now())
+        .order_by("id").values_list("id", flat=True)
+    )
     if run.level != ReprocessLevel.ALL and rows and not free:
         raise ReprocessError(
             f"Batch {run.batch_id} is being synced right now; reprocess it when the call "
@@ -231,34 +225,13 @@ def _queue(run: ReprocessRun, batch_ids: list[int]) -> list[int]:
 
 
 def _recount(batch_ids: list[int], *, now) -> None:
-    """Recompute the batches' counters from their records in one UPDATE, and queue them."""
-
-    def count(*statuses):
-        return Coalesce(
-            Subquery(
-                UsageRecord.objects.filter(batch_id=OuterRef("pk"), status__in=statuses)
-                .order_by()
-                .values("batch_id")
-                .annotate(n=Count("id"))
-                .values("n")
-            ),
-            0,
-        )
-
-    AggregatedBatch.objects.filter(id__in=batch_ids).update(
-        total_count=count(*RecordStatus.values),
-        pending_count=count(RecordStatus.PENDING),
-        completed_count=count(RecordStatus.COMPLETE),
-        # As refresh_batch_counts: INCOMPLETE should not occur, and counts as an error.
-        error_count=count(RecordStatus.ERROR, RecordStatus.INCOMPLETE),
-        ignored_count=count(RecordStatus.IGNORED),
-        # Every affected batch has a PENDING record now. published_at NULL makes the
-        # sweep publish it even if the publish after commit fails.
-        status=BatchStatus.PENDING,
-        published_at=None,
-        next_retry_at=None,
-        updated_at=now,
-    )
+    """Recount the batches from their records and queue them for the sweep."""
+    batches = AggregatedBatch.objects.filter(id__in=batch_ids)
+    # Every affected batch has a PENDING record now, so the recount makes it PENDING. A
+    # stale claim on it is dropped: its frozen holder, should it wake, then writes nothing.
+    batches.recount(release=True)
+    # published_at NULL makes the sweep publish it even if the publish after commit fails.
+    batches.update(claim_token=None, published_at=None, next_retry_at=None, updated_at=now)
 
 
 def _log_activity(run: ReprocessRun, batch_ids: list[int]) -> None:

@@ -6,7 +6,7 @@ from rest_framework.test import APIClient
 
 from tests.factories import UserFactory
 from tests.reprocess.factories import grant_reprocess
-from tests.services import AUTH_KEY, CLIENT_NO, Broker, Simulator
+from tests.services import AUTH_KEY, CLIENT_NO, TANSU_ASSIGNMENT, Broker, Simulator
 
 
 @pytest.fixture
@@ -39,6 +39,7 @@ def kafka(broker, settings):
     settings.KAFKA_BOOTSTRAP_SERVERS = broker.bootstrap
     settings.KAFKA_AGGREGATED_TOPIC = f"aggregated-{uuid.uuid4().hex[:8]}"
     settings.KAFKA_AGGREGATED_TOPIC_PARTITIONS = 3
+    settings.KAFKA_PARTITION_ASSIGNMENT_STRATEGY = TANSU_ASSIGNMENT
     return broker
 
 

@@ -161,14 +161,15 @@ class Simulator:
 
 
 class Worker:
-    """A Celery worker with embedded beat: one pool slot for the consumer, one for the rest.
+    """A Celery worker (with embedded beat unless told otherwise) and its consumer processes.
 
     kill() sends SIGKILL to the whole process group, so the call in flight dies with it.
     """
 
-    def __init__(self, name: str, *, env: dict, log: Path | None = None, beat: bool = True):
+    def __init__(self, name: str, *, env: dict, log: Path | None = None, beat: bool = True,
+                 concurrency: int = 2):
         args = [sys.executable, "-m", "celery", "-A", "allegro", "worker", "--pool=prefork",
-                "--concurrency=3",
+                f"--concurrency={concurrency}",
                 "--loglevel=INFO", f"--hostname={name}@%h", "--without-mingle",
                 "--without-gossip"]
         if beat:
@@ -246,6 +247,8 @@ class Beat:
         self.process.stop()
 
 
+# tansu does not complete cooperative rebalances (a second member is never assigned).
+TANSU_ASSIGNMENT = "range"
 AUTH_KEY = "e2e-auth-key"
 CLIENT_NO = 4242
 
@@ -266,6 +269,7 @@ class SyncStack:
         settings.KAFKA_BOOTSTRAP_SERVERS = broker.bootstrap
         settings.KAFKA_AGGREGATED_TOPIC = f"aggregated-{tag}"
         settings.KAFKA_AGGREGATED_TOPIC_PARTITIONS = partitions
+        settings.KAFKA_PARTITION_ASSIGNMENT_STRATEGY = TANSU_ASSIGNMENT
         settings.ARIA_API_URL = simulator.url
         settings.ARIA_CLIENT_NO = CLIENT_NO
         settings.ARIA_AUTH_KEY = AUTH_KEY
@@ -277,6 +281,7 @@ class SyncStack:
             "KAFKA_AGGREGATED_TOPIC": settings.KAFKA_AGGREGATED_TOPIC,
             "KAFKA_CONSUMER_GROUP": f"sync-{tag}",
             "KAFKA_SESSION_TIMEOUT_MS": "6000",
+            "KAFKA_PARTITION_ASSIGNMENT_STRATEGY": TANSU_ASSIGNMENT,
             "ARIA_API_URL": simulator.url,
             "ARIA_CLIENT_NO": str(CLIENT_NO),
             "ARIA_AUTH_KEY": AUTH_KEY,
@@ -285,14 +290,14 @@ class SyncStack:
             "SYNC_RETRY_BASE_SECONDS": "1",
             "SYNC_REPUBLISH_AFTER_SECONDS": "6",
             "SYNC_SWEEP_INTERVAL_SECONDS": "1",
-            "SYNC_CONSUMER_RESTART_SECONDS": "1",
-            "SYNC_CONSUMER_LIFETIME_SECONDS": "120",
+            "SYNC_IN_DOUBT_SETTLE_SECONDS": "3",
         }
 
-    def start_worker(self, name: str = "w", *, beat: bool = True) -> Worker:
+    def start_worker(self, name: str = "w", *, beat: bool = True, concurrency: int = 2,
+                     env: dict | None = None) -> Worker:
         worker = Worker(
-            f"{name}-{len(self.workers)}", env=self.env, log=self.tmp_path / f"worker-{name}.log",
-            beat=beat,
+            f"{name}-{len(self.workers)}", env={**self.env, **(env or {})},
+            log=self.tmp_path / f"worker-{name}.log", beat=beat, concurrency=concurrency,
         ).start()
         self.workers.append(worker)
         return worker

@@ -94,7 +94,6 @@ SYNC_USAGE_TYPES = 100
 # The sync run's Celery broker: a Redis database of its own. A run still names its queue,
 # worker and topic after a random tag, so two runs at once never take each other's tasks.
 SYNC_REDIS_DB = 12
-CONSUME_TASK = "usage_sync.tasks.consume_aggregated_batches"
 
 
 class BenchmarkError(Exception):
@@ -716,7 +715,7 @@ def bench_sync(
         "records": records,
         "batches": len(batch_ids),
         "batch_size": SYNC_BATCH_SIZE,
-        "worker": "celery prefork, concurrency 3, two consumers; simulator without latency",
+        "worker": "celery prefork, concurrency 1, two consumers; simulator without latency",
         "seconds": round(run["seconds"], 3),
         "records_per_s": round(rate),
         "bare_seconds": round(bare, 3),
@@ -882,12 +881,11 @@ def _sync_worker(
         "ARIA_API_URL": aria_url,
         "ARIA_CLIENT_NO": str(settings.ARIA_CLIENT_NO),
         "ARIA_AUTH_KEY": settings.ARIA_AUTH_KEY,
-        # One consumer for the whole run: without beat, nobody would start the next one.
-        "SYNC_CONSUMER_LIFETIME_SECONDS": "3600",
+        "KAFKA_PARTITION_ASSIGNMENT_STRATEGY": "range",  # tansu: no cooperative rebalance
     }
     command = [
         sys.executable, "-m", "celery", "-A", "allegro", "worker", "--pool=prefork",
-        "--concurrency=3", "--loglevel=INFO", f"--hostname={hostname}", "--queues", queue_name,
+        "--concurrency=1", "--loglevel=INFO", f"--hostname={hostname}", "--queues", queue_name,
         "--without-mingle", "--without-gossip", "--without-heartbeat",
     ]
     app = Celery("allegro-bench", broker=redis_url, set_as_current=False)
@@ -900,8 +898,6 @@ def _sync_worker(
                 _wait_for_worker(app, hostname=hostname, worker=worker)
                 idle = _TreeMemory(worker.pid)
                 idle.sample()
-                for _ in range(settings.SYNC_CONSUMERS_PER_WORKER):
-                    app.send_task(CONSUME_TASK, queue=queue_name)
                 join_seconds = _wait_for_consumer_group(bootstrap, group=group, worker=worker)
                 yield worker, join_seconds, idle
     finally:
@@ -1046,7 +1042,7 @@ def bench_reprocess(
         "batches": len(batch_ids),
         "batch_size": SYNC_BATCH_SIZE,
         "errors_made_by": "one UPDATE (ERROR 1009, Aria's message) and one counter UPDATE",
-        "server": "gunicorn sync, 1 worker; celery prefork, concurrency 3",
+        "server": "gunicorn sync, 1 worker; celery prefork, concurrency 1, two consumer processes",
         "api_seconds": round(api_seconds, 3),
         "api_target_seconds": REPROCESS_API_TARGET_SECONDS,
         "api_met": api_seconds < REPROCESS_API_TARGET_SECONDS,

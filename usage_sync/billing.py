@@ -1,19 +1,22 @@
 """The core Aria client: `bulk_record_usage_m` and `get_usage_history_m` over HTTP.
 
-Facts about the API are in shared/reference/aria-usage-api.md: POST with a JSON body whose
-`rest_call` names the method; API errors come back as HTTP 200 with a non-zero
-`error_code`; any other HTTP status is a transport failure.
+Core Aria's API (Aria Knowledge Central, the A7 API description): POST with a JSON body
+whose `rest_call` names the method; API errors come back as HTTP 200 with a non-zero integer
+`error_code`; any other HTTP status, or a body without an integer `error_code`, is a
+transport failure.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import requests
+import urllib3
 from django.conf import settings
 
 from . import metrics
@@ -27,8 +30,14 @@ ACCOUNT_NOT_FOUND = "1009"
 class AriaTransportError(Exception):
     """The call's outcome is unknown (connection error, timeout, HTTP ≠ 200, bad body).
 
-    The records may have been stored by core Aria: reconcile before sending them again.
+    The records may have been stored by core Aria, now or later: reconcile them before
+    sending them again. Unless `delivered` is False: the request never left this side (no
+    connection could be opened), so core Aria cannot hold anything of it.
     """
+
+    def __init__(self, message: str, *, delivered: bool = True):
+        super().__init__(message)
+        self.delivered = delivered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +52,8 @@ class BulkResult:
     error_code: str
     error_msg: str
     record_errors: tuple[RecordError, ...]
+    # `error_records` items that are not error records at all (quoted for the log).
+    malformed_items: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -63,6 +74,29 @@ def _text(value) -> str:
     """Return Aria's value as text the database can store: PostgreSQL text and jsonb hold
     no NUL character, and UTF-8 no lone surrogate (both can arrive as JSON escapes)."""
     return str(value).replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
+def _integer_code(value) -> str | None:
+    """Return Aria's integer code as text ("0", "1009"), or None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,18}", value.strip()):
+        return str(int(value))
+    return None
+
+
+def _may_have_arrived(exc: requests.RequestException) -> bool:
+    """Tell whether a failed request may have reached core Aria (False only when no
+    connection could be opened: refused, unresolvable, or the connect timed out)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return False
+    if isinstance(exc, requests.ConnectionError):
+        cause = exc.args[0] if exc.args else None
+        reason = getattr(cause, "reason", None)
+        return not isinstance(reason, urllib3.exceptions.NewConnectionError)
+    return True
 
 
 REDACTED = "***"
@@ -103,23 +137,27 @@ class AriaClient:
             client_receipt_id=client_receipt_id,
             record_count=len(usage_recs),
         )
-        record_errors = []
-        for item in body.get("error_records") or []:
-            if not isinstance(item, dict):
-                logger.error("ignoring malformed error_records item %r", item)
+        record_errors, malformed = [], []
+        items = body.get("error_records") or []
+        for item in items if isinstance(items, list) else [items]:
+            code = _integer_code(item.get("record_error_code")) if isinstance(item, dict) else None
+            if code is None:
+                # Kept, not dropped: an answer with such items cannot be mapped.
+                malformed.append(self._from_aria(repr(item))[:200])
                 continue
             record_errors.append(
                 RecordError(
+                    # Empty when Aria named no record: nothing of ours can be matched to it.
                     client_record_id=_text(item.get("out_client_record_id") or ""),
-                    # Aria's codes are integers; sync_error_code holds at most 20 characters.
-                    code=self._from_aria(item.get("record_error_code", ""))[:20],
+                    code=code[:20],
                     message=self._from_aria(item.get("record_error_msg") or ""),
                 )
             )
         return BulkResult(
-            error_code=self._from_aria(body.get("error_code"))[:20],
+            error_code=body["error_code"],
             error_msg=self._from_aria(body.get("error_msg") or ""),
             record_errors=tuple(record_errors),
+            malformed_items=tuple(malformed),
         )
 
     # API: get_usage_history_m, filtered by account and date range, paged by limit/offset.
@@ -154,13 +192,13 @@ class AriaClient:
                     client_receipt_id="",
                     record_count=0,
                 )
-                code = str(body.get("error_code"))
+                code = body["error_code"]
                 if code == ACCOUNT_NOT_FOUND:
                     break  # an account Aria does not know holds no usage
                 if code != "0":
                     # Not a transport failure, but the records stay in doubt all the same.
                     raise AriaTransportError(
-                        f"get_usage_history_m answered {self._from_aria(body.get('error_code'))}: "
+                        f"get_usage_history_m answered {code}: "
                         f"{self._from_aria(body.get('error_msg'))}"
                     )
                 rows = body.get("usage_history_recs") or []
@@ -190,7 +228,7 @@ class AriaClient:
         outcome = "transport"
         try:
             body = self._post(rest_call, payload)
-            outcome = str(body["error_code"])
+            outcome = body["error_code"]
             return body
         finally:
             seconds = time.monotonic() - started
@@ -219,7 +257,9 @@ class AriaClient:
         try:
             response = self.session.post(self.url, json=payload, timeout=self.timeout)
         except requests.RequestException as exc:
-            raise AriaTransportError(f"{rest_call}: {type(exc).__name__}: {exc}") from None
+            raise AriaTransportError(
+                f"{rest_call}: {type(exc).__name__}: {exc}", delivered=_may_have_arrived(exc)
+            ) from None
         if response.status_code != 200:
             raise AriaTransportError(f"{rest_call}: HTTP {response.status_code}")
         try:
@@ -228,4 +268,9 @@ class AriaClient:
             raise AriaTransportError(f"{rest_call}: the answer is not JSON") from None
         if not isinstance(body, dict) or "error_code" not in body:
             raise AriaTransportError(f"{rest_call}: the answer has no error_code")
-        return body
+        code = _integer_code(body["error_code"])
+        if code is None:
+            # null, "0.0", true …: not an answer we can read, so its outcome is unknown.
+            shown = self._from_aria(repr(body["error_code"]))[:40]
+            raise AriaTransportError(f"{rest_call}: its error_code {shown} is not an integer")
+        return {**body, "error_code": code}

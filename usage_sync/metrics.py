@@ -67,6 +67,11 @@ EVENTS_DUPLICATE = Counter(
     "allegro_events_duplicate_total",
     "Raw usage events refused at ingest because their event_id was already stored.",
 )
+PUBLISH_TO_CLAIM = Histogram(
+    "allegro_batch_publish_to_claim_seconds",
+    "Time from a batch id's last publish to a sync worker claiming the batch.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+)
 REPROCESS_RUNS = Counter(
     "allegro_reprocess_runs_total",
     "Reprocess runs started, by level (all, batch, error).",

@@ -1,9 +1,10 @@
 """Raw usage, its aggregation into records and batches, and the sync activity log."""
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import models
+from django.db import connection, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -25,6 +26,64 @@ class BatchStatus(models.TextChoices):
     IN_PROCESS = "IN_PROCESS", "In process"
     ERROR = "ERROR", "Error"
     COMPLETE = "COMPLETE", "Complete"
+
+
+_RECOUNT_SQL = """
+    UPDATE usage_sync_aggregatedbatch b
+    SET total_count = c.total, pending_count = c.pending, completed_count = c.completed,
+        error_count = c.errors, ignored_count = c.ignored,
+        status = CASE
+            WHEN b.status = 'IN_PROCESS' AND NOT %(release)s THEN b.status
+            WHEN c.pending > 0 THEN 'PENDING'
+            WHEN c.errors > 0 THEN 'ERROR'
+            ELSE 'COMPLETE' END,
+        updated_at = now()
+    FROM (
+        SELECT b2.id AS batch_id, COUNT(r.id) AS total,
+               COUNT(r.id) FILTER (WHERE r.status = 'PENDING') AS pending,
+               COUNT(r.id) FILTER (WHERE r.status = 'COMPLETE') AS completed,
+               -- INCOMPLETE should not occur; if it does, it needs an operator like an error.
+               COUNT(r.id) FILTER (WHERE r.status IN ('ERROR', 'INCOMPLETE')) AS errors,
+               COUNT(r.id) FILTER (WHERE r.status = 'IGNORED') AS ignored
+        FROM usage_sync_aggregatedbatch b2
+        LEFT JOIN usage_sync_usagerecord r ON r.batch_id = b2.id
+        WHERE b2.id = ANY(%(ids)s)
+        GROUP BY b2.id
+    ) c
+    WHERE b.id = c.batch_id
+"""
+
+
+class BatchQuerySet(models.QuerySet):
+    def incomplete(self):
+        """Batches with a PENDING or ERROR record (served by batch_incomplete_idx)."""
+        return self.filter(INCOMPLETE)
+
+    def claimable(self, now: datetime):
+        """Batches no sync holds: not IN_PROCESS, or claimed so long ago that its worker is
+        taken to be dead (SYNC_CLAIM_STALE_SECONDS)."""
+        stale = now - timedelta(seconds=settings.SYNC_CLAIM_STALE_SECONDS)
+        return self.filter(~Q(status=BatchStatus.IN_PROCESS) | Q(sync_started_at__lt=stale))
+
+    def recount(self, *, release: bool = False) -> None:
+        """Recompute these batches' counters from their records, and their status.
+
+        The batch rows are locked first (in id order), then counted in a statement of its
+        own: every writer of records holds its batch's row lock, so the count sees all of
+        them and none can change it before commit. Two writers can then never leave
+        pending_count at 0 while a record is PENDING. A batch keeps IN_PROCESS (its claim)
+        unless `release`.
+        """
+        with transaction.atomic():
+            ids = list(self.order_by("id").select_for_update().values_list("id", flat=True))
+            if not ids:
+                return
+            with connection.cursor() as cursor:
+                cursor.execute(_RECOUNT_SQL, {"ids": ids, "release": release})
+
+
+# A batch the console lists as incomplete: some record is still PENDING or ERROR.
+INCOMPLETE = Q(pending_count__gt=0) | Q(error_count__gt=0)
 
 
 class AggregatedBatch(models.Model):
@@ -50,7 +109,12 @@ class AggregatedBatch(models.Model):
     sync_attempts = models.PositiveIntegerField(default=0, db_default=0)
     next_retry_at = models.DateTimeField(null=True, blank=True)
     sync_started_at = models.DateTimeField(null=True, blank=True)
+    # The claim of the sync holding the batch (a fencing token): each of its writes checks
+    # that the claim is still its own, so a worker whose claim was taken over writes nothing.
+    claim_token = models.UUIDField(null=True, blank=True)
     synced_at = models.DateTimeField(null=True, blank=True)
+
+    objects = BatchQuerySet.as_manager()
 
     class Meta:
         ordering = ["-window_start", "-sequence"]
@@ -73,9 +137,7 @@ class AggregatedBatch(models.Model):
         indexes = [
             # Incomplete-batch view: batches with PENDING or ERROR records, latest first.
             models.Index(
-                fields=["-window_start"],
-                condition=Q(pending_count__gt=0) | Q(error_count__gt=0),
-                name="batch_incomplete_idx",
+                fields=["-window_start"], condition=INCOMPLETE, name="batch_incomplete_idx"
             ),
         ]
 
@@ -104,20 +166,26 @@ class UsageRecord(models.Model):
     qualifier_2 = models.CharField(max_length=300, blank=True, default="")
     qualifier_3 = models.CharField(max_length=300, blank=True, default="")
     qualifier_4 = models.CharField(max_length=300, blank=True, default="")
-    usage_units = models.DecimalField(max_digits=24, decimal_places=6)
-    amount = models.DecimalField(max_digits=20, decimal_places=2, null=True, blank=True)
+    # Wide enough for the sum of any group: an event is below 10^14 units and 10^16 in
+    # amount (ingest's limits), and a record holds fewer than 2^31 events (event_count),
+    # so a sum stays below 2.2 * 10^23 units and 2.2 * 10^25 in amount.
+    usage_units = models.DecimalField(max_digits=30, decimal_places=6)
+    amount = models.DecimalField(max_digits=28, decimal_places=2, null=True, blank=True)
     rate = models.DecimalField(max_digits=18, decimal_places=5, null=True, blank=True)
     usage_date = models.DateTimeField(help_text="Start of the aggregation window.")
     event_count = models.PositiveIntegerField()
     status = models.CharField(
         max_length=16, choices=RecordStatus.choices, default=RecordStatus.PENDING
     )
-    # Aria's own code and message; codes are opaque values (reference: error codes).
+    # Aria's own code and message; codes are opaque values. On a record in doubt, the
+    # code and message of an answer that could not be mapped: what it becomes (ERROR) if
+    # core Aria turns out not to hold it.
     sync_error_code = models.CharField(max_length=20, blank=True, default="")
     sync_error_message = models.TextField(blank=True, default="")
     attempts = models.PositiveIntegerField(default=0)
     # Set, and committed, just before the record goes out; cleared when the outcome is
-    # stored. PENDING with sent_at set means "in doubt": reconcile before re-sending.
+    # stored. PENDING with sent_at set means "in doubt": once SYNC_IN_DOUBT_SETTLE_SECONDS
+    # have passed, look it up in core Aria before anything is sent again.
     sent_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(default=timezone.now)

@@ -15,10 +15,10 @@ from datetime import timedelta
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from django.conf import settings
-from django.db.models import Q
+from django.db.models import Case, F, Q, When
 from django.utils import timezone
 
-from .models import AggregatedBatch, BatchStatus
+from .models import AggregatedBatch
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ def publish_batches(batch_ids: Iterable[int], *, timeout: float = 10.0) -> list[
     batch_ids = list(batch_ids)
     if not batch_ids:
         return []
+    started = timezone.now()
     delivered: list[int] = []
 
     def on_delivery(error, message):
@@ -85,8 +86,11 @@ def publish_batches(batch_ids: Iterable[int], *, timeout: float = 10.0) -> list[
         producer.purge()
         producer.flush(0)
     if delivered:
+        # A retry that was due is now on its way; one a consumer set meanwhile (a new
+        # failure, or records in doubt waiting to settle) stays for the sweep.
         AggregatedBatch.objects.filter(id__in=delivered).update(
-            published_at=timezone.now(), next_retry_at=None
+            published_at=timezone.now(),
+            next_retry_at=Case(When(next_retry_at__gt=started, then=F("next_retry_at"))),
         )
     return delivered
 
@@ -95,15 +99,15 @@ def due_batches(now=None):
     """Batches with PENDING records that should go (again) onto the topic now."""
     now = now or timezone.now()
     republish_before = now - timedelta(seconds=settings.SYNC_REPUBLISH_AFTER_SECONDS)
-    stale_claim = now - timedelta(seconds=settings.SYNC_CLAIM_STALE_SECONDS)
-    not_claimed = ~Q(status=BatchStatus.IN_PROCESS) | Q(sync_started_at__lt=stale_claim)
     never_or_long_ago = Q(next_retry_at__isnull=True) & (
         Q(published_at__isnull=True) | Q(published_at__lt=republish_before)
     )
     retry_due = Q(next_retry_at__lte=now)
-    return AggregatedBatch.objects.filter(
-        not_claimed, never_or_long_ago | retry_due, pending_count__gt=0
-    ).order_by("window_start", "sequence")
+    return (
+        AggregatedBatch.objects.claimable(now)
+        .filter(never_or_long_ago | retry_due, pending_count__gt=0)
+        .order_by("window_start", "sequence")
+    )
 
 
 def publish_due_batches(*, limit: int = 10_000, timeout: float = 10.0) -> list[int]:

@@ -28,17 +28,17 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 
 from django.db import connection, transaction
 
 from .aggregation import window_boundary
 from .billing import AriaClient, AriaTransportError
 from .models import AggregatedBatch, AggregationConfig, UsageEvent, UsageRecord
+from .sync import aria_date
 
 PROBLEM_LIMIT = 1000
 _ARIA = "reconcile_aria_rows"
-_ARIA_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 _INSERT_CHUNK = 10_000
 
 _EVENT = UsageEvent._meta.db_table
@@ -311,7 +311,7 @@ def _check_aria(scope: _Scope, client: AriaClient, report, advance) -> None:
     accounts = _accounts(scope.since)
     report.checked["aria_accounts"] = len(accounts)
     if first is not None:
-        date_range = (_aria_date(first), _aria_date(last))
+        date_range = (aria_date(first), aria_date(last))
         for account in accounts:
             try:
                 held.update(
@@ -393,6 +393,3 @@ def _compare_with_aria(cursor, scope: _Scope, report: ReconcileReport, *,
         lambda cid: f"core Aria holds client_record_id {cid}, which no record here has",
     )
 
-
-def _aria_date(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime(_ARIA_DATE_FORMAT)

@@ -57,7 +57,6 @@ from allegro.progress import progress
 
 from .aggregation import aggregate_usage, window_boundary
 from .benchmarks import (
-    CONSUME_TASK,
     USAGE_TYPES,
     BenchmarkError,
     _gunicorn,
@@ -101,7 +100,6 @@ RETRY_EVERY = 25
 USAGE_SPAN_SECONDS = 1800
 AGGREGATE_EVERY = 5.0
 SWEEP_EVERY = 5.0
-CONSUMER_RESTART_EVERY = 20.0
 CONSOLE_EVERY = 0.5
 DRAIN_TIMEOUT = 300.0
 # A request this much after its slot counts as late: the client could not keep the rate.
@@ -488,8 +486,6 @@ class _Beat:
             self._send(AGGREGATE_TASK, expires=AGGREGATE_EVERY * 4)
         if self._due(SWEEP_TASK, SWEEP_EVERY):
             self._send(SWEEP_TASK, expires=SWEEP_EVERY * 4)
-        if self._due(CONSUME_TASK, CONSUMER_RESTART_EVERY):
-            self._send(CONSUME_TASK, expires=CONSUMER_RESTART_EVERY)
 
     def hurry(self) -> None:
         """Make every task due at the next tick."""

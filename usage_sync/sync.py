@@ -1,14 +1,16 @@
-"""Send one aggregated batch to core Aria and store each record's outcome (SPEC §3).
+"""Send one aggregated batch to core Aria and store each record's outcome.
 
-The rules that protect the money:
-- only PENDING records are sent; COMPLETE and IGNORED never again;
+The rules that protect the money (README, "How the sync protects the money"):
+- only PENDING records that are not in doubt are sent; COMPLETE and IGNORED never again;
 - a record goes out with `sent_at` set and committed first; if the call's outcome is
-  lost (timeout, crash), the record stays PENDING with `sent_at` set: "in doubt".
-  Before anything is sent again, records in doubt are looked up with
-  get_usage_history_m; those core Aria holds become COMPLETE, only the rest are re-sent;
-- results map back only through `out_client_record_id`;
-- the batch is claimed with a compare-and-set, so a second delivery of the same batch id
-  (Kafka is at-least-once) does nothing while the first is under way.
+  unknown (timeout, HTTP 5xx, an answer that cannot be mapped, a crash), the record stays
+  PENDING with `sent_at` set: "in doubt". Core Aria may still be storing it, so nothing
+  happens to it until SYNC_IN_DOUBT_SETTLE_SECONDS have passed since it was sent; then it
+  is looked up with get_usage_history_m: found, it is COMPLETE; not found, it is sent again
+  (or, after an answer that could not be mapped, ERROR with that answer's code);
+- results map back only through `out_client_record_id` (answers.py);
+- the batch is held by a claim (claims.py) that every write checks, so a second delivery,
+  or a worker that lost its claim mid-call, writes nothing.
 """
 
 from __future__ import annotations
@@ -16,18 +18,19 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, F, Max, Min, Q
+from django.db.models import F, Max, Min
 from django.utils import timezone
 
 from . import metrics
-from .billing import AriaClient, AriaTransportError, BulkResult
-from .models import AggregatedBatch, BatchStatus, RecordStatus, SyncActivity, UsageRecord
+from .answers import MappedAnswer, map_answer
+from .billing import AriaClient, AriaTransportError
+from .claims import Claim, ClaimLost
+from .models import AggregatedBatch, RecordStatus, SyncActivity, UsageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ class Outcome(enum.StrEnum):
     SYNCED = "synced"
     SKIPPED = "skipped"  # nothing pending, gone, or another worker holds the batch
     RETRY = "retry"  # transport failure: the batch is released for a later retry
+    WAITING = "waiting"  # records in doubt: the batch waits for them to settle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +55,9 @@ class SyncResult:
     detail: str = ""
 
 
-def claim_stale_after() -> timedelta:
-    """How long a claim may stand before another worker may take the batch over."""
-    return timedelta(seconds=settings.SYNC_CLAIM_STALE_SECONDS)
+def settle_window() -> timedelta:
+    """How long records in doubt are left alone before they are looked up in core Aria."""
+    return timedelta(seconds=settings.SYNC_IN_DOUBT_SETTLE_SECONDS)
 
 
 def retry_delay(attempt: int) -> timedelta:
@@ -63,252 +67,235 @@ def retry_delay(attempt: int) -> timedelta:
 
 
 def sync_batch(*, batch_id: int, client: AriaClient | None = None) -> SyncResult:
-    """Claim the batch, reconcile records in doubt, send the PENDING ones, store outcomes."""
+    """Claim the batch, settle records in doubt, send the PENDING ones, store outcomes."""
     client = client or AriaClient()
-    claimed_at = _claim(batch_id)
-    if claimed_at is None:
+    claim = Claim.take(batch_id)
+    if claim is None:
         return SyncResult(Outcome.SKIPPED, batch_id)
     try:
-        reconciled = _reconcile_in_doubt(batch_id, client)
-        return _send_pending(batch_id, client, reconciled)
+        if settles_at := _in_doubt_until(batch_id):
+            with claim.fenced():
+                claim.release(retry_at=settles_at)
+            logger.info("batch %s waits until %s for records in doubt to settle", batch_id,
+                        settles_at.isoformat(), extra={"batch_id": batch_id})
+            return SyncResult(Outcome.WAITING, batch_id, detail=f"settles at {settles_at}")
+        reconciled = _reconcile_in_doubt(claim, client)
+        return _send_pending(claim, client, reconciled)
+    except ClaimLost:
+        logger.warning("batch %s: the claim was taken over; stopping without writing",
+                       batch_id, extra={"batch_id": batch_id})
+        return SyncResult(Outcome.SKIPPED, batch_id, detail="claim lost")
     except AriaTransportError as exc:
-        _release_for_retry(batch_id, str(exc), client)
+        _release_for_retry(claim, str(exc), client, error_code="TRANSPORT")
         return SyncResult(Outcome.RETRY, batch_id, detail=str(exc))
     except Exception as exc:
-        # Records sent stay in doubt (sent_at set): the next claim reconciles them first.
+        # Records sent stay in doubt (sent_at set): they are reconciled before any re-send.
         logger.exception("sync of batch %s failed unexpectedly", batch_id)
-        _release_after_error(batch_id, claimed_at, exc)
+        if not connection.in_atomic_block:
+            # A dropped connection is useless now; the ORM opens a fresh one on next use.
+            connection.close_if_unusable_or_obsolete()
+        _release_for_retry(claim, f"{type(exc).__name__}: {exc}", client,
+                           error_code="UNEXPECTED")
         raise
-    except BaseException:
-        # The process is going away; the stale claim lets a retry in.
-        logger.exception("sync of batch %s interrupted", batch_id)
-        raise
 
 
-def _claim(batch_id: int) -> datetime | None:
-    """Claim the batch (compare-and-set); return the claim's time, or None if not ours."""
-    now = timezone.now()
-    free = ~Q(status=BatchStatus.IN_PROCESS) | Q(sync_started_at__lt=now - claim_stale_after())
-    claimed = AggregatedBatch.objects.filter(free, id=batch_id, pending_count__gt=0).update(
-        status=BatchStatus.IN_PROCESS, sync_started_at=now, updated_at=now
-    )
-    return now if claimed == 1 else None
-
-
-def _release_after_error(batch_id: int, claimed_at: datetime, exc: Exception) -> None:
-    """Give the batch back for a retry with backoff after an unexpected error.
-
-    Found by tests/faults (PostgreSQL connection dropped while storing an outcome): the
-    batch stayed claimed, the redelivered id was skipped and committed, and the batch
-    waited for the claim to go stale and the republish sweep (minutes). Now the sweep
-    sends it again at `next_retry_at`. Best effort: if the database is still away, the
-    stale claim remains the fallback.
-    """
-    if not connection.in_atomic_block:
-        # A dropped connection is useless now; the ORM opens a fresh one on next use.
-        connection.close_if_unusable_or_obsolete()
-    now = timezone.now()
-    try:
-        attempt = AggregatedBatch.objects.get(pk=batch_id).sync_attempts + 1
-        with transaction.atomic():
-            # Only our own claim: another worker may have taken a stale one over meanwhile.
-            released = AggregatedBatch.objects.filter(
-                pk=batch_id, status=BatchStatus.IN_PROCESS, sync_started_at=claimed_at
-            ).update(
-                status=BatchStatus.PENDING,
-                sync_attempts=attempt,
-                next_retry_at=now + retry_delay(attempt),
-                updated_at=now,
-            )
-            if released:
-                SyncActivity.objects.create(
-                    action_name="BULK_RECORD_USAGE",
-                    object_name=f"Batch {batch_id}",
-                    batch_id=batch_id,
-                    status=SyncActivity.Status.ERROR,
-                    error_code="UNEXPECTED",
-                    error_message=f"{type(exc).__name__}: {exc}"[:500],
-                    details={"retry_at": (now + retry_delay(attempt)).isoformat(),
-                             "attempt": attempt},
-                )
-    except Exception:
-        logger.exception(
-            "batch %s: could not release the claim after the error; it is retried once "
-            "the claim is stale", batch_id,
-        )
-
-
-def _reconcile_in_doubt(batch_id: int, client: AriaClient) -> int:
-    """Mark COMPLETE the records in doubt that core Aria already holds; return how many."""
-    in_doubt = UsageRecord.objects.filter(
+def _in_doubt(batch_id: int):
+    return UsageRecord.objects.filter(
         batch_id=batch_id, status=RecordStatus.PENDING, sent_at__isnull=False
     )
+
+
+def _in_doubt_until(batch_id: int) -> datetime | None:
+    """When the batch's records in doubt will have settled, if that is still to come."""
+    last_sent = _in_doubt(batch_id).aggregate(last=Max("sent_at"))["last"]
+    if last_sent is None:
+        return None
+    settles_at = last_sent + settle_window()
+    return settles_at if settles_at > timezone.now() else None
+
+
+def _reconcile_in_doubt(claim: Claim, client: AriaClient) -> int:
+    """Settle the batch's records in doubt with core Aria; return how many it held."""
+    in_doubt = _in_doubt(claim.batch_id)
     span = in_doubt.aggregate(first=Min("usage_date"), last=Max("usage_date"))
     if span["first"] is None:
         return 0
     # order_by(): the model's ordering (id) would make DISTINCT return one row per record.
     accounts = in_doubt.order_by().values_list("client_acct_id", "acct_no").distinct()
-    date_range = (_aria_date(span["first"]), _aria_date(span["last"] + timedelta(days=1)))
+    date_range = (aria_date(span["first"]), aria_date(span["last"] + timedelta(days=1)))
     found = 0
     # One account at a time, each committed: when core Aria fails now and then (flapping,
     # timeouts), every lookup that got through is kept and the next attempt asks only for
     # the accounts left. All-or-nothing, a batch of several accounts could retry forever.
     for client_acct_id, acct_no in sorted(accounts, key=lambda a: (a[0], a[1] or 0)):
+        claim.renew()
         stored = client.stored_client_record_ids(
             accounts=[(client_acct_id, acct_no)], date_range=date_range
         )
         account_in_doubt = in_doubt.filter(client_acct_id=client_acct_id, acct_no=acct_no)
         now = timezone.now()
-        with transaction.atomic():
-            n = account_in_doubt.filter(client_record_id__in=stored).update(
-                status=RecordStatus.COMPLETE, sent_at=None, completed_at=now, updated_at=now
+        with claim.fenced():
+            held = account_in_doubt.filter(client_record_id__in=stored).update(
+                status=RecordStatus.COMPLETE, sync_error_code="", sync_error_message="",
+                sent_at=None, completed_at=now, updated_at=now,
             )
-            # The rest were never stored: they go out again as ordinary PENDING records.
+            # Not held, after an answer that could not be mapped: core Aria refused them.
+            refused = account_in_doubt.exclude(sync_error_code="").update(
+                status=RecordStatus.ERROR, sent_at=None, updated_at=now
+            )
+            # Not held after a lost answer: never stored, so they go out again.
             account_in_doubt.update(sent_at=None, updated_at=now)
-            refresh_batch_counts(batch_id)
-        if n:
-            metrics.RECORD_OUTCOMES.labels(RecordStatus.COMPLETE, "reconciled").inc(n)
-        found += n
+            AggregatedBatch.objects.filter(id=claim.batch_id).recount()
+        if held:
+            metrics.RECORD_OUTCOMES.labels(RecordStatus.COMPLETE, "reconciled").inc(held)
+        if refused:
+            metrics.RECORD_OUTCOMES.labels(RecordStatus.ERROR, "reconciled").inc(refused)
+        found += held
     if found:
         logger.warning(
             "batch %s: %d records in doubt were already in core Aria; marked COMPLETE",
-            batch_id,
-            found,
-            extra={"batch_id": batch_id, "reconciled": found},
+            claim.batch_id, found, extra={"batch_id": claim.batch_id, "reconciled": found},
         )
     return found
 
 
-def _send_pending(batch_id: int, client: AriaClient, reconciled: int) -> SyncResult:
-    batch = AggregatedBatch.objects.get(pk=batch_id)
+def _send_pending(claim: Claim, client: AriaClient, reconciled: int) -> SyncResult:
+    batch_id = claim.batch_id
     sent_at = timezone.now()
-    # Committed before the call: from here on a lost answer leaves these records in doubt.
-    # The claim keeps the batch ours (reprocess skips claimed batches), so the records
-    # marked here are exactly the ones loaded below.
-    marked = UsageRecord.objects.filter(batch_id=batch_id, status=RecordStatus.PENDING).update(
-        sent_at=sent_at, attempts=F("attempts") + 1, updated_at=sent_at
-    )
-    if not marked:
-        _finish(batch_id)
-        return SyncResult(Outcome.SYNCED, batch_id, reconciled=reconciled)
+    # Committed before the call, with the claim renewed: from here on a lost answer leaves
+    # these records in doubt. Records in doubt are never among them.
+    with claim.fenced() as batch:
+        marked = UsageRecord.objects.filter(
+            batch_id=batch_id, status=RecordStatus.PENDING, sent_at__isnull=True
+        ).update(sent_at=sent_at, attempts=F("attempts") + 1, updated_at=sent_at)
+        AggregatedBatch.objects.filter(id=batch_id).update(sync_started_at=sent_at)
+        if not marked:
+            claim.release(finished=True)
+            return SyncResult(Outcome.SYNCED, batch_id, reconciled=reconciled)
     records = list(
-        UsageRecord.objects.filter(
-            batch_id=batch_id, status=RecordStatus.PENDING, sent_at=sent_at
-        )
+        UsageRecord.objects.filter(batch_id=batch_id, status=RecordStatus.PENDING,
+                                   sent_at=sent_at)
         .order_by("id")
         # Light named rows instead of model instances: a third of a batch's Python time.
         .values_list(*USAGE_REC_FIELDS, named=True)
     )
     receipt = f"AUB{batch_id}-{batch.sync_attempts + 1}-{int(sent_at.timestamp())}"
-    result = client.bulk_record_usage(
-        usage_recs=[usage_rec(r) for r in records], client_receipt_id=receipt
-    )
-    completed, errors, unknown = _store_outcome(
-        batch_id, records, result, sent_at=sent_at, client=client
-    )
+    try:
+        result = client.bulk_record_usage(
+            usage_recs=[usage_rec(r) for r in records], client_receipt_id=receipt
+        )
+    except AriaTransportError as exc:
+        if not exc.delivered:
+            # Nothing reached core Aria: these records are not in doubt.
+            with claim.fenced():
+                UsageRecord.objects.filter(
+                    batch_id=batch_id, status=RecordStatus.PENDING, sent_at=sent_at
+                ).update(sent_at=None)
+        raise
+    sent = {r.client_record_id: r.id for r in records}
+    answer = map_answer(result, sent)
+    completed, errors = _store_outcome(claim, answer, sent_at=sent_at, client=client,
+                                       sent=len(records), error=(result.error_code,
+                                                                 result.error_msg))
     return SyncResult(
-        Outcome.SYNCED,
+        Outcome.WAITING if answer.in_doubt else Outcome.SYNCED,
         batch_id,
         sent=len(records),
         completed=completed,
         errors=errors,
         reconciled=reconciled,
-        detail=f"{len(unknown)} unknown error records" if unknown else "",
+        detail=f"{len(answer.unmapped)} items could not be mapped" if answer.in_doubt else "",
     )
 
 
-@transaction.atomic
-def _store_outcome(batch_id, records, result: BulkResult, *, sent_at: datetime, client):
+def _store_outcome(claim: Claim, answer: MappedAnswer, *, sent_at: datetime,
+                   client: AriaClient, sent: int, error: tuple[str, str]) -> tuple[int, int]:
     """Write each record's outcome, the batch counts and the activity entry, atomically."""
     now = timezone.now()
-    sent = {r.client_record_id: r.id for r in records}
-    by_error: dict[tuple[str, str], list[int]] = defaultdict(list)
-    unknown = []
-    if not result.ok and not result.record_errors:
-        # A top-level error without error_records (e.g. 1004): the whole call failed.
-        by_error[(result.error_code, result.error_msg)] = list(sent.values())
-    for error in result.record_errors:
-        if error.client_record_id in sent:
-            by_error[(error.code, error.message)].append(sent[error.client_record_id])
-        else:
-            unknown.append(error.client_record_id)
-    if unknown:
-        logger.error(
-            "batch %s: core Aria reported errors for client_record_ids not in the call: %s",
-            batch_id,
-            unknown[:20],
-        )
     mine = UsageRecord.objects.filter(
-        batch_id=batch_id, status=RecordStatus.PENDING, sent_at=sent_at
+        batch_id=claim.batch_id, status=RecordStatus.PENDING, sent_at=sent_at
     )
-    errored = 0
-    errored_by_code: dict[str, int] = defaultdict(int)
-    for (code, message), ids in by_error.items():
-        n = mine.filter(id__in=ids).update(
-            status=RecordStatus.ERROR,
-            sync_error_code=code,
-            sync_error_message=message,
-            sent_at=None,
-            updated_at=now,
-        )
-        errored += n
-        errored_by_code[code] += n
-    completed = mine.update(
-        status=RecordStatus.COMPLETE,
-        sync_error_code="",
-        sync_error_message="",
-        sent_at=None,
-        completed_at=now,
-        updated_at=now,
-    )
-    batch = refresh_batch_counts(batch_id, finished=True)
+    errored_by_code: dict[str, int] = {}
+    with claim.fenced():
+        by_failure: dict[tuple[str, str], list[int]] = {}
+        for record_id, failure in answer.failed.items():
+            by_failure.setdefault(failure, []).append(record_id)
+        for (code, message), ids in by_failure.items():
+            n = mine.filter(id__in=ids).update(
+                status=RecordStatus.ERROR, sync_error_code=code, sync_error_message=message,
+                sent_at=None, updated_at=now,
+            )
+            errored_by_code[code] = errored_by_code.get(code, 0) + n
+        if answer.in_doubt:
+            # sent_at stays: in doubt until core Aria is asked, once they have settled.
+            code, message = answer.doubt
+            completed = 0
+            mine.update(sync_error_code=code, sync_error_message=message, updated_at=now)
+            claim.release(retry_at=sent_at + settle_window())
+        else:
+            completed = mine.update(
+                status=RecordStatus.COMPLETE, sync_error_code="", sync_error_message="",
+                sent_at=None, completed_at=now, updated_at=now,
+            )
+            claim.release(finished=True)
+        errored = sum(errored_by_code.values())
+        _log_call(claim.batch_id, client, sent=sent, completed=completed, errored=errored,
+                  error=error, answer=answer, retry_at=sent_at + settle_window())
+        # Counted once the outcome commits, so a rolled-back store counts nothing.
+        transaction.on_commit(lambda: _count_outcomes(completed, errored_by_code))
+    return completed, errored
+
+
+def _log_call(batch_id: int, client: AriaClient, *, sent: int, completed: int, errored: int,
+              error: tuple[str, str], answer: MappedAnswer, retry_at: datetime) -> None:
+    """The call's activity-log entry and log line."""
     call = client.last_call
-    status = (
-        SyncActivity.Status.COMPLETE
-        if not errored
-        else SyncActivity.Status.ERROR
-        if not completed
-        else SyncActivity.Status.PARTIAL
-    )
+    receipt = call.client_receipt_id if call else ""
+    duration_ms = call.duration_ms if call else None
+    if answer.in_doubt:
+        status = SyncActivity.Status.ERROR
+        code, message = answer.doubt
+        message = (
+            f"The answer could not be mapped record by record ({len(answer.unmapped)} "
+            f"items); {sent - errored} records are in doubt until {retry_at:%Y-%m-%d %H:%M:%S} "
+            f"UTC, then looked up in core Aria. Core Aria said: {message}"
+        )
+    else:
+        status = (SyncActivity.Status.COMPLETE if not errored
+                  else SyncActivity.Status.ERROR if not completed
+                  else SyncActivity.Status.PARTIAL)
+        code, message = ("", "") if error[0] == "0" else error
     SyncActivity.objects.create(
         action_name="BULK_RECORD_USAGE",
         object_name=f"Batch {batch_id}",
-        batch=batch,
+        batch_id=batch_id,
         status=status,
-        error_code="" if result.ok else result.error_code,
-        error_message="" if result.ok else result.error_msg,
-        record_count=len(records),
-        duration_ms=call.duration_ms if call else None,
+        error_code=code,
+        error_message=message,
+        record_count=sent,
+        duration_ms=duration_ms,
         details={
             "rest_call": "bulk_record_usage_m",
-            "client_receipt_id": call.client_receipt_id if call else "",
-            "sent": len(records),
+            "client_receipt_id": receipt,
+            "sent": sent,
             "completed": completed,
             "errors": errored,
-            "unknown_error_records": unknown[:100],
-            "client_record_ids": list(sent)[:2000],
+            "in_doubt": sent - completed - errored if answer.in_doubt else 0,
+            "unmapped": answer.unmapped[:100],
         },
     )
-    # Counted once the outcome commits, so a rolled-back store counts nothing.
-    transaction.on_commit(lambda: _count_outcomes(completed, errored_by_code))
+    if answer.in_doubt:
+        logger.error(
+            "batch %s: core Aria's answer could not be mapped (%s); %d records in doubt",
+            batch_id, "; ".join(answer.unmapped[:5]), sent - errored,
+            extra={"batch_id": batch_id, "client_receipt_id": receipt},
+        )
     logger.info(
         "batch %s synced: %d sent, %d complete, %d error (receipt %s, %s ms)",
-        batch_id,
-        len(records),
-        completed,
-        errored,
-        call.client_receipt_id if call else "",
-        call.duration_ms if call else "?",
-        extra={
-            "batch_id": batch_id,
-            "client_receipt_id": call.client_receipt_id if call else "",
-            "duration_ms": call.duration_ms if call else None,
-            "sent": len(records),
-            "completed": completed,
-            "errors": errored,
-        },
+        batch_id, sent, completed, errored, receipt, duration_ms,
+        extra={"batch_id": batch_id, "client_receipt_id": receipt, "duration_ms": duration_ms,
+               "sent": sent, "completed": completed, "errors": errored},
     )
-    return completed, errored, unknown
 
 
 def _count_outcomes(completed: int, errored_by_code: dict[str, int]) -> None:
@@ -319,82 +306,49 @@ def _count_outcomes(completed: int, errored_by_code: dict[str, int]) -> None:
             metrics.RECORD_OUTCOMES.labels(RecordStatus.ERROR, code).inc(n)
 
 
-def _release_for_retry(batch_id: int, reason: str, client: AriaClient) -> None:
+def _release_for_retry(claim: Claim, reason: str, client: AriaClient, *, error_code: str) -> None:
+    """Give the batch back with a backoff; records in doubt push the retry past their
+    settle window. Best effort: if the database is away, the stale claim is the fallback."""
     now = timezone.now()
-    batch = AggregatedBatch.objects.get(pk=batch_id)
-    attempt = batch.sync_attempts + 1
-    with transaction.atomic():
-        AggregatedBatch.objects.filter(pk=batch_id, status=BatchStatus.IN_PROCESS).update(
-            status=BatchStatus.PENDING,
-            sync_attempts=attempt,
-            next_retry_at=now + retry_delay(attempt),
-            updated_at=now,
-        )
-        call = client.last_call
-        SyncActivity.objects.create(
-            action_name="BULK_RECORD_USAGE",
-            object_name=f"Batch {batch_id}",
-            batch=batch,
-            status=SyncActivity.Status.ERROR,
-            error_code="TRANSPORT",
-            error_message=reason[:500],
-            record_count=batch.pending_count,
-            duration_ms=call.duration_ms if call else None,
-            details={
-                "rest_call": call.rest_call if call else "",
-                "client_receipt_id": call.client_receipt_id if call else "",
-                "retry_at": (now + retry_delay(attempt)).isoformat(),
-                "attempt": attempt,
-            },
-        )
+    try:
+        with claim.fenced() as batch:
+            attempt = batch.sync_attempts + 1
+            retry_at = now + retry_delay(attempt)
+            if settles_at := _in_doubt_until(claim.batch_id):
+                retry_at = max(retry_at, settles_at)
+            claim.release(retry_at=retry_at, attempts=attempt)
+            call = client.last_call
+            SyncActivity.objects.create(
+                action_name="BULK_RECORD_USAGE",
+                object_name=f"Batch {claim.batch_id}",
+                batch_id=claim.batch_id,
+                status=SyncActivity.Status.ERROR,
+                error_code=error_code,
+                error_message=reason[:500],
+                record_count=batch.pending_count,
+                duration_ms=call.duration_ms if call else None,
+                details={
+                    "rest_call": call.rest_call if call else "",
+                    "client_receipt_id": call.client_receipt_id if call else "",
+                    "retry_at": retry_at.isoformat(),
+                    "attempt": attempt,
+                },
+            )
+    except ClaimLost:
+        logger.warning("batch %s: failed (%s) after its claim was taken over", claim.batch_id,
+                       reason, extra={"batch_id": claim.batch_id})
+        return
+    except Exception:
+        logger.exception("batch %s: could not release the claim after a failure; it is "
+                         "retried once the claim is stale", claim.batch_id)
+        return
     logger.warning(
-        "batch %s: transport failure (%s); retry %d after %s",
-        batch_id,
-        reason,
-        attempt,
-        retry_delay(attempt),
-        extra={
-            "batch_id": batch_id,
-            "client_receipt_id": call.client_receipt_id if call else "",
-            "duration_ms": call.duration_ms if call else None,
-            "attempt": attempt,
-        },
+        "batch %s: %s (%s); retry %d at %s", claim.batch_id, error_code.lower(), reason,
+        attempt, retry_at.isoformat(),
+        extra={"batch_id": claim.batch_id, "attempt": attempt,
+               "client_receipt_id": call.client_receipt_id if call else "",
+               "duration_ms": call.duration_ms if call else None},
     )
-
-
-def _finish(batch_id: int) -> None:
-    with transaction.atomic():
-        refresh_batch_counts(batch_id, finished=True)
-
-
-def refresh_batch_counts(batch_id: int, *, finished: bool = False) -> AggregatedBatch:
-    """Recompute a batch's counters from its records (one GROUP BY) and derive its status."""
-    counts = dict(
-        UsageRecord.objects.filter(batch_id=batch_id)
-        .values_list("status")
-        .annotate(n=Count("id"))
-        .values_list("status", "n")
-    )
-    batch = AggregatedBatch.objects.select_for_update().get(pk=batch_id)
-    batch.pending_count = counts.get(RecordStatus.PENDING, 0)
-    batch.completed_count = counts.get(RecordStatus.COMPLETE, 0)
-    batch.error_count = counts.get(RecordStatus.ERROR, 0) + counts.get(RecordStatus.INCOMPLETE, 0)
-    batch.ignored_count = counts.get(RecordStatus.IGNORED, 0)
-    batch.total_count = sum(counts.values())
-    now = timezone.now()
-    if finished or batch.status != BatchStatus.IN_PROCESS:
-        if batch.pending_count:
-            batch.status = BatchStatus.PENDING
-        elif batch.error_count:
-            batch.status = BatchStatus.ERROR
-        else:
-            batch.status = BatchStatus.COMPLETE
-    if finished:
-        batch.synced_at = now
-        batch.next_retry_at = None
-    batch.updated_at = now
-    batch.save()
-    return batch
 
 
 USAGE_REC_FIELDS = (
@@ -417,7 +371,7 @@ def usage_rec(record) -> dict:
     else:
         rec["usage_type"] = record.usage_type
     rec["usage_units"] = _number(record.usage_units)
-    rec["usage_date"] = _aria_date(record.usage_date)
+    rec["usage_date"] = aria_date(record.usage_date)
     if record.amount is not None:
         rec["amt"] = _number(record.amount)
     elif record.rate is not None:
@@ -435,5 +389,6 @@ def _number(value: Decimal):
     return as_float if Decimal(repr(as_float)) == value else str(value)
 
 
-def _aria_date(moment: datetime) -> str:
+def aria_date(moment: datetime) -> str:
+    """Core Aria's date format (yyyy-mm-dd hh24:mi:ss), in UTC."""
     return moment.astimezone(UTC).strftime(ARIA_DATE_FORMAT)

@@ -1,14 +1,12 @@
 """The operator's path through the console in a real browser (SPEC §4)."""
 
-from django.db import transaction
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.factories import UserFactory
 from tests.reprocess.factories import grant_reprocess, make_batch
-from usage_sync.models import RecordStatus, UsageRecord
-from usage_sync.sync import refresh_batch_counts
+from usage_sync.models import AggregatedBatch, RecordStatus, UsageRecord
 
 LINES = "table.table-inner > tbody > tr"  # the summary's lines, not the outer table's rows
 
@@ -113,8 +111,7 @@ def test_operator_reprocesses_an_error_line(live_server, browser, shoot, publish
     UsageRecord.objects.filter(batch=failing).exclude(
         status=RecordStatus.COMPLETE).update(status=RecordStatus.COMPLETE, sync_error_code="",
                                              sync_error_message="")
-    with transaction.atomic():
-        refresh_batch_counts(failing.pk, finished=True)
+    AggregatedBatch.objects.filter(pk=failing.pk).recount(release=True)
 
     # The progress box sees the run done and reloads the page without the batch.
     wait(browser, 15).until(lambda b: "run=" not in b.current_url)

@@ -84,5 +84,5 @@ def test_error_records_for_ids_not_in_the_call_are_logged_and_touch_nothing(stac
     done.refresh_from_db()
     assert (done.status, done.sync_error_code) == (RecordStatus.COMPLETE, "")
     assert not UsageRecord.objects.exclude(status=RecordStatus.COMPLETE).exists()
-    assert "client_record_ids not in the call" in stack.logs()
+    assert "could not be mapped" in stack.logs()
     wait_for_call(stack, "bulk_record_usage_m", after=len(batch_ids))

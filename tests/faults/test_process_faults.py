@@ -102,15 +102,15 @@ def test_redis_restarted_with_tasks_queued_loses_them_and_nothing_else(stack):
     worker = stack.start_worker("w", beat=False)
     stack.start_beat("beat")
     stack.wait_until_ready()
-    wait_for(lambda: "consume_aggregated_batches" in stack.logs(), timeout=30,
-             what="a consumer to start")
-    # Freeze the worker: beat keeps queueing the sweep and the consumer restarts.
+    wait_for(lambda: "sync consumers (topic" in stack.logs(), timeout=30,
+             what="the consumers to start")
+    # Freeze the worker: beat keeps queueing the sweep and aggregation.
     worker.suspend()
     publish_batches(batch_ids)
     queue = redis.Redis.from_url(stack.redis.url)
     wait_for(lambda: queue.llen("celery") >= 4, timeout=30, what="tasks to queue up")
 
-    stack.redis.restart()  # empty: the queued tasks, the consumer locks, the stop flags
+    stack.redis.restart()  # empty: the queued tasks are gone
     assert queue.llen("celery") == 0
     worker.resume()
 

@@ -3,8 +3,10 @@ HTTP transport (responses) and the records in PostgreSQL.
 
 For any subset of the sent records reported in error_records, in any order, plus any
 client_record_ids that were not in the call (some of them real records of another batch):
-exactly the reported records become ERROR with their own code and message, every other
-sent record COMPLETE, nothing outside the call changes, and the batch counts add up.
+exactly the reported records become ERROR with their own code and message; every other
+sent record is COMPLETE when the answer named nothing else, and otherwise stays in doubt
+(PENDING, never COMPLETE by default); nothing outside the call changes, and the batch
+counts add up.
 """
 
 import json
@@ -25,9 +27,19 @@ pytestmark = pytest.mark.django_db
 
 # What core Aria may say about a record: any code, any message, even characters the
 # database cannot store (NUL, lone surrogates: both arrive as JSON escapes).
+# Aria's codes are integers (as JSON numbers or as text).
 error_codes = st.one_of(
     st.integers(min_value=-1, max_value=99_999), st.sampled_from([1009, 1016]),
-    st.text(max_size=30),
+    st.integers(min_value=0, max_value=99_999).map(str),
+)
+# Items of error_records that are not error records: nothing can be read from them.
+junk_items = st.lists(
+    st.one_of(
+        st.text(max_size=10), st.integers(), st.none(),
+        st.fixed_dictionaries({"out_client_record_id": st.text(max_size=10),
+                               "record_error_code": st.sampled_from(["", "1.5", None, "x"])}),
+    ),
+    max_size=2,
 )
 error_messages = st.one_of(st.text(max_size=200), st.sampled_from(["bad\x00input", "\ud800x"]))
 unknown_ids = st.lists(
@@ -57,7 +69,7 @@ def answers(draw, sent_ids: list[str], bystander_ids: list[str]):
          "record_error_msg": draw(error_messages)}
         for s in strangers
     ]
-    error_records = draw(st.permutations(error_records))
+    error_records = draw(st.permutations(error_records + draw(junk_items)))
     return error_records, outcome
 
 
@@ -94,30 +106,38 @@ def test_exactly_the_reported_records_become_error_and_the_rest_complete(size, d
 
     assert sorted(r["client_record_id"] for r in payload["usage_recs"]) == sorted(sent_ids)
     records = {r.client_record_id: r for r in batch.records.all()}
+    # Anything beyond the reported records (a stranger's id, junk) cannot be mapped.
+    unmapped = len(error_records) > len(outcome)
     for cid, record in records.items():
         if cid in outcome:
             code, message = outcome[cid]
             assert (record.status, record.sync_error_code, record.sync_error_message) == (
                 RecordStatus.ERROR, stored_text(code)[:20], stored_text(message)
             ), cid
+            assert record.sent_at is None
+        elif unmapped:
+            assert (record.status, record.sent_at is None) == (RecordStatus.PENDING, False), cid
         else:
             assert (record.status, record.sync_error_code) == (RecordStatus.COMPLETE, ""), cid
-        assert record.sent_at is None
+            assert record.sent_at is None
     # Ids that were not in the call mark nothing, even ids of real records elsewhere.
     assert list(
         bystanders.records.order_by("id").values_list("status", "sync_error_code")
     ) == bystander_before
     batch.refresh_from_db()
     errors = len(outcome)
+    rest = size - errors
+    completed, pending = (0, rest) if unmapped else (rest, 0)
     assert (batch.total_count, batch.error_count, batch.completed_count,
-            batch.pending_count, batch.ignored_count) == (size, errors, size - errors, 0, 0)
+            batch.pending_count, batch.ignored_count) == (size, errors, completed, pending, 0)
     assert batch.total_count == (batch.error_count + batch.completed_count
                                  + batch.pending_count + batch.ignored_count)
-    assert batch.status == (BatchStatus.ERROR if errors else BatchStatus.COMPLETE)
+    assert batch.status == (BatchStatus.PENDING if pending else BatchStatus.ERROR if errors
+                            else BatchStatus.COMPLETE)
     assert (result.outcome, result.sent, result.errors, result.completed) == (
-        Outcome.SYNCED, size, errors, size - errors
+        Outcome.WAITING if unmapped else Outcome.SYNCED, size, errors, completed
     )
     activity = SyncActivity.objects.filter(batch=batch).latest("id")
     assert activity.record_count == size
-    assert (activity.details["errors"], activity.details["completed"]) == (errors, size - errors)
+    assert (activity.details["errors"], activity.details["completed"]) == (errors, completed)
     assert UsageRecord.objects.filter(batch=batch, status=RecordStatus.ERROR).count() == errors

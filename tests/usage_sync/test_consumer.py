@@ -1,5 +1,7 @@
 """The consumer commits an offset only after the batch's outcome is in the database."""
 
+import sys
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -26,7 +28,7 @@ def published(kafka, settings):
     return batch_ids
 
 
-def consume(until_handled: int, handle) -> list[int]:
+def consume(until_handled: int, handle, max_seconds: float = 60) -> list[int]:
     seen = []
 
     def fake_sync_batch(*, batch_id, client):
@@ -37,7 +39,8 @@ def consume(until_handled: int, handle) -> list[int]:
     consumer.sync_batch = fake_sync_batch
     try:
         consumer.consume_batches(
-            should_stop=lambda: len(seen) >= until_handled, max_seconds=60, client=object()
+            should_stop=lambda: len(seen) >= until_handled, max_seconds=max_seconds,
+            client=object(),
         )
     finally:
         consumer.sync_batch = original
@@ -75,3 +78,51 @@ def test_a_failure_before_the_database_commit_leaves_the_offset_for_redelivery(p
     redelivered = consume(3, lambda b: SyncResult(Outcome.SYNCED, b))
     assert sorted(redelivered) == published
     assert committed_messages() == 3
+
+
+def test_a_consumer_that_overran_its_poll_interval_rejoins_and_the_message_comes_again(
+    published, settings, caplog
+):
+    # librdkafka's floor: max.poll.interval.ms must be at least session.timeout.ms.
+    settings.KAFKA_MAX_POLL_INTERVAL_MS = settings.KAFKA_SESSION_TIMEOUT_MS = 6000
+    slow = [published[0]]
+
+    def handle(batch_id):
+        if batch_id in slow:
+            slow.remove(batch_id)
+            time.sleep(8)  # one sync longer than the poll interval: the group lets us go
+        return SyncResult(Outcome.SYNCED, batch_id)
+
+    seen = consume(4, handle, max_seconds=90)
+
+    # The slow batch came back (its offset could not be committed), nothing was lost.
+    assert sorted(set(seen)) == published
+    assert seen.count(published[0]) == 2
+    assert "not committed" in caplog.text
+    assert committed_messages() == 3
+
+
+class Sleepers(consumer.ConsumerProcesses):
+    RESTART_DELAY_SECONDS = 0.2
+
+    def command(self):
+        return [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+def test_the_worker_keeps_its_consumers_running_and_stops_them_on_shutdown():
+    consumers = Sleepers(2, stop_timeout=5)
+    consumers.check()
+    first = [p.pid for p in consumers.processes]
+    consumers.processes[0].kill()
+    consumers.processes[0].wait()
+
+    consumers.check()  # notices the death
+    time.sleep(0.3)
+    consumers.check()  # restarts it after the pause
+
+    assert all(p.poll() is None for p in consumers.processes)
+    assert consumers.processes[0].pid != first[0] and consumers.processes[1].pid == first[1]
+    consumers.stop()
+    assert all(p.poll() is not None for p in consumers.processes)
+    consumers.check()  # a stopping worker starts nothing
+    assert all(p.poll() is not None for p in consumers.processes)

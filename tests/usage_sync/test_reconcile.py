@@ -27,7 +27,7 @@ from usage_sync.models import (
     UsageRecord,
 )
 from usage_sync.reconcile import reconcile, reconcile_steps
-from usage_sync.sync import refresh_batch_counts, sync_batch, usage_rec
+from usage_sync.sync import sync_batch, usage_rec
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
 
@@ -234,7 +234,7 @@ def test_error_and_never_sent_records_held_by_core_aria_are_named_in_doubt_ones_
         status=RecordStatus.PENDING, sent_at=timezone.now()
     )
     for batch_id in {errored.batch_id, never_sent.batch_id, in_doubt.batch_id}:
-        refresh_batch_counts(batch_id)
+        AggregatedBatch.objects.filter(pk=batch_id).recount()
 
     report = reconcile(client=synced)
 

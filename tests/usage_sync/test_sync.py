@@ -6,7 +6,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import requests
 import responses
+from django.conf import settings
 from django.test import override_settings
+from django.utils import timezone
 
 from usage_sync.aggregation import aggregate_usage
 from usage_sync.billing import AriaClient
@@ -133,32 +135,96 @@ def test_a_top_level_error_without_error_records_fails_every_record(client, batc
     assert (activity.status, activity.error_code) == ("ERROR", "1004")
 
 
+def history(*client_record_ids):
+    """A get_usage_history_m answer holding these records."""
+    return ok(usage_history_recs=[{"client_record_id": cid} for cid in client_record_ids])
+
+
+def only(rest_call):
+    return [responses.matchers.json_params_matcher({"rest_call": rest_call}, strict_match=False)]
+
+
+def settle(batch):
+    """Let the batch's records in doubt settle: as if sent longer ago than the window."""
+    UsageRecord.objects.filter(batch=batch, sent_at__isnull=False).update(
+        sent_at=timezone.now() - timedelta(seconds=settings.SYNC_IN_DOUBT_SETTLE_SECONDS + 1)
+    )
+
+
 @responses.activate
-def test_error_records_naming_unknown_ids_are_logged_and_mark_nothing_wrongly(
-    client, batch, caplog
+@pytest.mark.parametrize(
+    "error_records",
+    [
+        [{"out_client_record_id": "NOT-OURS", "record_error_code": 1001, "record_error_msg": "?"}],
+        [{"out_client_record_id": None, "record_error_code": 1001, "record_error_msg": "?"}],
+        [{"record_error_code": 1001, "record_error_msg": "?"}],
+        ["1001: ?"],
+        [{"out_client_record_id": "AU1-1", "record_error_msg": "no code"}],
+    ],
+    ids=["unknown-id", "null-id", "no-id", "not-an-object", "no-code"],
+)
+def test_an_answer_that_cannot_be_mapped_leaves_its_records_in_doubt_never_complete(
+    client, batch, caplog, error_records
 ):
     responses.post(
-        URL,
-        json={
-            "error_code": 1001,
-            "error_msg": "unexpected error",
-            "error_records": [
-                {
-                    "out_client_record_id": "NOT-OURS",
-                    "record_error_code": 1001,
-                    "record_error_msg": "?",
-                }
-            ],
-        },
+        URL, json={"error_code": 1001, "error_msg": "unexpected", "error_records": error_records}
     )
 
     result = sync_batch(batch_id=batch.id, client=client)
 
-    assert result.completed == 3
-    assert "NOT-OURS" in caplog.text
-    assert SyncActivity.objects.get(action_name="BULK_RECORD_USAGE").details[
-        "unknown_error_records"
-    ] == ["NOT-OURS"]
+    assert (result.outcome, result.completed, result.errors) == (Outcome.WAITING, 0, 0)
+    assert set(UsageRecord.objects.values_list("status", "sync_error_code")) == {
+        ("PENDING", "1001")
+    }
+    assert not UsageRecord.objects.filter(sent_at__isnull=True).exists()
+    batch.refresh_from_db()
+    sent_at = UsageRecord.objects.values_list("sent_at", flat=True).first()
+    assert (batch.status, batch.pending_count) == (BatchStatus.PENDING, 3)
+    assert batch.next_retry_at == sent_at + timedelta(seconds=settings.SYNC_IN_DOUBT_SETTLE_SECONDS)
+    activity = SyncActivity.objects.get(action_name="BULK_RECORD_USAGE")
+    assert (activity.status, activity.error_code) == ("ERROR", "1001")
+    assert "could not be mapped" in activity.error_message
+    assert activity.details["unmapped"] and activity.details["in_doubt"] == 3
+    assert "could not be mapped" in caplog.text
+
+
+@responses.activate
+def test_after_an_unmappable_answer_what_aria_holds_completes_and_the_rest_is_its_error(
+    client, batch
+):
+    held, *refused = batch.records.order_by("id")
+    responses.post(URL, json={"error_code": 1009, "error_msg": "account does not exist",
+                              "error_records": [{"out_client_record_id": None,
+                                                 "record_error_code": 1009,
+                                                 "record_error_msg": "Account not found"}]})
+    sync_batch(batch_id=batch.id, client=client)
+    settle(batch)
+    responses.replace(responses.POST, URL, json=history(held.client_record_id),
+                      match=only("get_usage_history_m"))
+
+    result = sync_batch(batch_id=batch.id, client=client)
+
+    assert (result.outcome, result.reconciled, result.sent) == (Outcome.SYNCED, 1, 0)
+    assert UsageRecord.objects.get(pk=held.pk).status == RecordStatus.COMPLETE
+    assert set(
+        UsageRecord.objects.filter(pk__in=[r.pk for r in refused])
+        .values_list("status", "sync_error_code", "sync_error_message", "sent_at")
+    ) == {("ERROR", "1009", "account does not exist", None)}
+    assert len(bulk_calls()) == 1  # nothing was sent again
+    batch.refresh_from_db()
+    assert (batch.status, batch.completed_count, batch.error_count) == (BatchStatus.ERROR, 1, 2)
+
+
+@responses.activate
+@pytest.mark.parametrize("code", [None, "0.0", True, 0.5, "", "OK"])
+def test_an_answer_without_an_integer_error_code_is_a_transport_failure(client, batch, code):
+    responses.post(URL, json={"error_code": code, "error_msg": "OK"})
+
+    result = sync_batch(batch_id=batch.id, client=client)
+
+    assert result.outcome == Outcome.RETRY
+    assert "is not an integer" in result.detail
+    assert UsageRecord.objects.filter(status="PENDING", sent_at__isnull=False).count() == 3
 
 
 @responses.activate
@@ -224,11 +290,40 @@ def test_a_transport_failure_leaves_records_in_doubt_and_the_batch_due_for_retry
     batch.refresh_from_db()
     assert batch.status == BatchStatus.PENDING
     assert batch.sync_attempts == 1
-    assert batch.next_retry_at is not None
     assert batch.pending_count == 3
     assert UsageRecord.objects.filter(status="PENDING", sent_at__isnull=False).count() == 3
+    # Not before the records in doubt have settled: core Aria may still be storing them.
+    sent_at = UsageRecord.objects.values_list("sent_at", flat=True).first()
+    assert batch.next_retry_at == sent_at + timedelta(seconds=settings.SYNC_IN_DOUBT_SETTLE_SECONDS)
     activity = SyncActivity.objects.get(action_name="BULK_RECORD_USAGE")
     assert (activity.status, activity.error_code) == ("ERROR", "TRANSPORT")
+
+
+def test_a_call_that_never_left_leaves_nothing_in_doubt_and_retries_with_backoff(batch):
+    # Nothing listens on port 1 of the loopback: the connection is refused.
+    refused = AriaClient(url="http://127.0.0.1:1/v1/core", client_no=77, auth_key="k", timeout=2)
+
+    result = sync_batch(batch_id=batch.id, client=refused)
+
+    assert result.outcome == Outcome.RETRY
+    assert not UsageRecord.objects.filter(sent_at__isnull=False).exists()
+    batch.refresh_from_db()
+    assert batch.next_retry_at < timezone.now() + timedelta(seconds=60)
+
+
+@responses.activate
+def test_records_in_doubt_are_neither_looked_up_nor_resent_before_they_settle(client, batch):
+    responses.post(URL, body=requests.Timeout("read timed out"))
+    sync_batch(batch_id=batch.id, client=client)
+    AggregatedBatch.objects.filter(pk=batch.id).update(next_retry_at=None)  # delivered anyway
+
+    result = sync_batch(batch_id=batch.id, client=client)
+
+    assert result.outcome == Outcome.WAITING
+    assert len(responses.calls) == 1
+    batch.refresh_from_db()
+    assert (batch.status, batch.claim_token) == (BatchStatus.PENDING, None)
+    assert batch.next_retry_at > timezone.now() + timedelta(minutes=10)
 
 
 @responses.activate
@@ -237,6 +332,7 @@ def test_records_in_doubt_that_aria_holds_become_complete_and_only_the_rest_are_
 ):
     responses.post(URL, body=requests.Timeout("read timed out"))
     sync_batch(batch_id=batch.id, client=client)
+    settle(batch)
     stored_one = batch.records.order_by("id").first()
     responses.replace(
         responses.POST,

@@ -99,21 +99,20 @@ def test_known_accounts_complete_and_unknown_accounts_error_with_arias_code(pipe
     assert set(errors.values_list("client_acct_id", "sync_error_code")) == {("UNKNOWN-1", "1009")}
 
 
-def test_a_worker_stops_cleanly_on_sigterm_with_its_consumer_running(pipeline):
+def test_a_worker_stops_cleanly_on_sigterm_with_its_consumers_running(pipeline):
     worker = pipeline.start_worker("w")
-    wait_for(
-        lambda: "consumer" in (pipeline.tmp_path / "worker-w.log").read_text()
-        or "consume_aggregated_batches" in (pipeline.tmp_path / "worker-w.log").read_text(),
-        timeout=30, what="the consumer task to start",
-    )
+    log = pipeline.tmp_path / "worker-w.log"
+    wait_for(lambda: "2 sync consumers (topic" in log.read_text(), timeout=30,
+             what="the consumers to start")
     time.sleep(2)
     started = time.monotonic()
 
     worker.stop()
 
-    # Warm shutdown: the consumer saw the stop flag and let go well before its lifetime.
+    # Warm shutdown: each consumer finished, left its group and exited on its own.
     assert worker.process.popen.returncode == 0
     assert time.monotonic() - started < 15
+    assert log.read_text().count("stopped after") == 2
 
 
 def test_the_same_batch_id_delivered_twice_bills_once(pipeline):

@@ -1,12 +1,10 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import redis
 from django.conf import settings
 from django.utils import timezone
 
 from tests.factories import UsageEventFactory
-from tests.services import redis_db_url
 from usage_sync import tasks
 from usage_sync.models import AggregationConfig, UsageRecord
 
@@ -47,52 +45,3 @@ def test_a_disabled_configuration_never_runs():
     config.save()
 
     assert not config.is_due(datetime(2030, 1, 1, tzinfo=UTC))
-
-
-REDIS_TEST_URL = redis_db_url(14)
-
-
-@pytest.fixture
-def slot_redis(settings):
-    settings.REDIS_URL = REDIS_TEST_URL
-    client = redis.Redis.from_url(REDIS_TEST_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
-
-
-def run_consumer_task(monkeypatch, on_poll):
-    """Run the consumer task with consume_batches replaced by a loop that polls
-    should_stop, calling on_poll(poll number) first; return how many polls it made."""
-    polls = []
-
-    def fake_consume_batches(*, should_stop, max_seconds):
-        while len(polls) < 50:
-            polls.append(True)
-            on_poll(len(polls))
-            if should_stop():
-                return 0
-        return 0
-
-    monkeypatch.setattr(tasks.consumer, "consume_batches", fake_consume_batches)
-    tasks.consume_aggregated_batches.apply().get()
-    return len(polls)
-
-
-def test_a_consumer_stops_when_its_slot_lock_is_gone(slot_redis, monkeypatch):
-    # Redis restarted empty: the slot is free for another consumer, so this one stops.
-    polls = run_consumer_task(monkeypatch, lambda n: n == 3 and slot_redis.flushdb())
-
-    assert polls == 3
-    assert slot_redis.keys("allegro:sync-consumer:*") == []
-
-
-def test_a_consumer_keeps_going_while_it_holds_its_slot(slot_redis, monkeypatch):
-    held = []
-    polls = run_consumer_task(
-        monkeypatch, lambda n: held.append(len(slot_redis.keys("allegro:sync-consumer:*:0")))
-    )
-
-    assert polls == 50
-    assert set(held) == {1}
-    assert slot_redis.keys("allegro:sync-consumer:*") == []  # released at the end
