@@ -5,7 +5,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from .ingest import MAX_EVENTS_PER_REQUEST, store_events, validate_events
+from .ingest import MAX_EVENTS_PER_REQUEST, EventConflict, store_events, validate_events
 
 
 class UsageEventIngestApi(APIView):
@@ -54,6 +54,21 @@ class UsageEventIngestApi(APIView):
                     ),
                 },
             ),
+            409: inline_serializer(
+                "IngestConflicts",
+                {
+                    "detail": serializers.CharField(),
+                    "conflicts": inline_serializer(
+                        "IngestConflict",
+                        {
+                            "event_id": serializers.CharField(),
+                            "indexes": serializers.ListField(child=serializers.IntegerField()),
+                            "fields": serializers.ListField(child=serializers.CharField()),
+                        },
+                        many=True,
+                    ),
+                },
+            ),
         },
         examples=[
             OpenApiExample(
@@ -90,8 +105,32 @@ class UsageEventIngestApi(APIView):
                 "nothing was stored.",
                 errors=[e.as_dict() for e in errors[:1000]],
             )
-        result = store_events(events)
+        try:
+            result = store_events(events)
+        except EventConflict as exc:
+            return _conflict(payload, exc)
         return Response(result.as_dict(), status=status.HTTP_201_CREATED)
+
+
+def _conflict(payload: list, exc: EventConflict) -> Response:
+    """409 naming each event_id reused with other content, where it is in the request
+    and which fields differ from the event already stored under it."""
+    positions: dict[str, list[int]] = {}
+    for index, raw in enumerate(payload):
+        positions.setdefault(raw["event_id"], []).append(index)
+    conflicts = [
+        {"event_id": c.event_id, "indexes": positions.get(c.event_id, []),
+         "fields": list(c.fields)}
+        for c in exc.conflicts[:1000]
+    ]
+    return Response(
+        {
+            "detail": f"{len(exc.conflicts)} event_id(s) were already used for events with "
+            "other content (a correction needs a new event_id); nothing was stored.",
+            "conflicts": conflicts,
+        },
+        status=status.HTTP_409_CONFLICT,
+    )
 
 
 def _bad_request(detail: str, errors: list | None = None) -> Response:

@@ -264,20 +264,58 @@ def _count_ingested(created: int, duplicates: int) -> None:
     metrics.EVENTS_DUPLICATE.inc(duplicates)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Conflict:
+    """An event whose event_id is already taken by an event with other content."""
+
+    event_id: str
+    fields: tuple[str, ...]
+
+
+class EventConflict(Exception):
+    """Events reuse stored event_ids with other content; nothing of the call was stored."""
+
+    def __init__(self, conflicts: list[Conflict]):
+        super().__init__(f"{len(conflicts)} events reuse an event_id with other content")
+        self.conflicts = conflicts
+
+
 def store_events(events: list[ValidEvent]) -> StoreResult:
     """Insert the events not already stored (by `event_id`), atomically; count duplicates.
 
-    The unique `event_id` is the guard: a concurrent request with the same id inserts
-    nothing and sees its event counted as a duplicate.
+    The unique `event_id` is the guard: an event already stored with the same content is a
+    duplicate (a re-send), counted and not stored again. The same event_id with other
+    content is a conflict, like an idempotency key reused with other parameters: raises
+    EventConflict, and nothing of the call is stored.
     """
     if not events:
         return StoreResult(received=0, created=0, duplicates=0)
+    # In event_id order: two calls with overlapping ids take their locks in the same
+    # order, so they queue instead of deadlocking.
+    unique: dict[str, ValidEvent] = {}
+    conflicts = []
+    for event in sorted(events, key=operator.attrgetter("event_id")):
+        first = unique.setdefault(event.event_id, event)
+        if first != event:
+            conflicts.append(Conflict(event.event_id, _differing(first, event)))
+    if conflicts:
+        raise EventConflict(conflicts)
     with transaction.atomic():
-        created = _insert(events)
+        created = _insert(list(unique.values()))
+        if created < len(unique) and (conflicts := _conflicts(list(unique.values()))):
+            raise EventConflict(conflicts)
         duplicates = len(events) - created
         # Counted when the events are durable, not when an outer transaction may still roll back.
         transaction.on_commit(lambda: _count_ingested(created, duplicates))
-    return StoreResult(received=len(events), created=created, duplicates=len(events) - created)
+    return StoreResult(received=len(events), created=created, duplicates=duplicates)
+
+
+# What makes two events with one event_id the same event (received_at aside).
+CONTENT = COLUMNS[1:]
+
+
+def _differing(first: ValidEvent, other: ValidEvent) -> tuple[str, ...]:
+    return tuple(f for f in CONTENT if getattr(first, f) != getattr(other, f))
 
 
 _PG_TYPES = (
@@ -298,18 +336,43 @@ _PG_TYPES = (
 )
 
 
+def _arrays(events: list[ValidEvent]) -> tuple[str, list]:
+    """unnest() over the events' columns: the SQL and its parameters (one array each)."""
+    arrays = ", ".join(f"%s::{pg_type}" for pg_type in _PG_TYPES)
+    params = [list(column) for column in zip(*map(_row, events), strict=True)]
+    return f"unnest({arrays}) AS i({', '.join(COLUMNS)})", params
+
+
 def _insert(events: list[ValidEvent]) -> int:
     # One INSERT … SELECT FROM unnest(arrays): a single round trip per request.
     table = UsageEvent._meta.db_table
-    columns = ", ".join(COLUMNS)
-    arrays = ", ".join(f"%s::{pg_type}" for pg_type in _PG_TYPES)
+    source, params = _arrays(events)
     sql = (
-        f"INSERT INTO {table} ({columns}, received_at) "
-        f"SELECT *, now() FROM unnest({arrays}) "
+        f"INSERT INTO {table} ({', '.join(COLUMNS)}, received_at) "
+        f"SELECT *, now() FROM {source} "
         "ON CONFLICT (event_id) DO NOTHING"
     )
-    params = [list(column) for column in zip(*map(_row, events), strict=True)]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.rowcount
 
+
+def _conflicts(events: list[ValidEvent]) -> list[Conflict]:
+    """The events whose event_id is stored with other content (a statement of its own, so
+    it sees what a concurrent call committed meanwhile; its own rows match themselves)."""
+    table = UsageEvent._meta.db_table
+    source, params = _arrays(events)
+    differs = ", ".join(f"i.{f} IS DISTINCT FROM e.{f}" for f in CONTENT)
+    sql = (
+        f"SELECT i.event_id, {differs} FROM {source} "
+        f"JOIN {table} e ON e.event_id = i.event_id "
+        f"WHERE ({', '.join(f'i.{f}' for f in CONTENT)}) "
+        f"IS DISTINCT FROM ({', '.join(f'e.{f}' for f in CONTENT)}) "
+        "ORDER BY i.event_id"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return [
+            Conflict(event_id, tuple(f for f, d in zip(CONTENT, flags, strict=True) if d))
+            for event_id, *flags in cursor.fetchall()
+        ]

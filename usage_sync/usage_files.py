@@ -3,9 +3,9 @@
 A file is read twice, line by line and never whole, so memory stays flat whatever its
 size: the first pass validates every line with the API's own `ingest.validate_event`
 and stores nothing if any line is invalid; the second pass stores the events in chunks,
-one transaction each. A crash between chunks is harmless: `event_id` de-duplicates, so
-importing the same file again stores only what is missing and counts the rest as
-duplicates.
+all in one transaction: a file is imported whole or not at all (an event_id reused with
+other content, a crash midway). Importing the same file again stores what is missing and
+counts the rest as duplicates.
 """
 
 from __future__ import annotations
@@ -21,9 +21,17 @@ from decimal import Decimal
 from pathlib import Path
 from typing import BinaryIO
 
-from django.db import reset_queries
+from django.db import reset_queries, transaction
 
-from .ingest import KNOWN_FIELDS, FieldError, ValidEvent, store_events, validate_event
+from .ingest import (
+    KNOWN_FIELDS,
+    Conflict,
+    EventConflict,
+    FieldError,
+    ValidEvent,
+    store_events,
+    validate_event,
+)
 
 FORMATS = ("csv", "jsonl")
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -35,6 +43,14 @@ MAX_LINE_BYTES = 1024 * 1024
 _PROGRESS_EVERY = 2000
 
 Progress = Callable[[int], None]
+
+
+class UsageFileConflict(Exception):
+    """Lines reuse an event_id already stored with other content; nothing was stored."""
+
+    def __init__(self, conflicts: list[tuple[int, Conflict]]):
+        super().__init__(f"{len(conflicts)} lines reuse an event_id with other content")
+        self.conflicts = conflicts  # (line number, conflict), by line
 
 
 class UsageFileError(Exception):
@@ -250,39 +266,54 @@ def check_usage_file(
 def import_usage_file(
     usage_file: UsageFile, *, chunk_size: int = 5000, progress: Progress | None = None
 ) -> ImportResult:
-    """Store the events of an already checked file, one transaction per chunk.
+    """Store the events of an already checked file, in one transaction.
 
-    Raises UsageFileError if a line fails validation after all (the file changed since
-    it was checked); the chunks before it stay stored, and a re-run completes the import.
+    Raises UsageFileError if a line fails validation after all (the file changed since it
+    was checked), UsageFileConflict if lines reuse stored event_ids with other content;
+    either way nothing of the file is stored.
     """
     started = time.monotonic()
     events = created = duplicates = 0
     chunk: list[ValidEvent] = []
+    numbers: list[int] = []
+    conflicts: list[tuple[int, Conflict]] = []
 
     def flush() -> None:
         nonlocal created, duplicates
-        result = store_events(chunk)
-        created += result.created
-        duplicates += result.duplicates
+        try:
+            result = store_events(chunk)
+        except EventConflict as exc:
+            # Read on, to name every conflicting line at once; the whole import is rolled
+            # back at the end.
+            lines = {event.event_id: number for number, event in zip(numbers, chunk, strict=True)}
+            conflicts.extend((lines[c.event_id], c) for c in exc.conflicts)
+        else:
+            created += result.created
+            duplicates += result.duplicates
         chunk.clear()
+        numbers.clear()
         # With DEBUG on, Django keeps every SQL statement it ran, and each of ours holds a
         # whole chunk: without this the log would grow with the file (≈1 GB for 1 GB).
         reset_queries()
 
-    for line in usage_file.lines(progress=progress):
-        events += not line.header
-        event, line_errors = _validate_line(line)
-        if line_errors:
-            first = line_errors[0]
-            raise UsageFileError(
-                line.number,
-                f"{first.field}: {first.message} (the file changed after it was checked; "
-                f"{created + duplicates} events before this line are stored)",
-            )
-        chunk.append(event)
-        if len(chunk) >= chunk_size:
-            flush()
-    flush()
+    with transaction.atomic():
+        for line in usage_file.lines(progress=progress):
+            events += not line.header
+            event, line_errors = _validate_line(line)
+            if line_errors:
+                first = line_errors[0]
+                raise UsageFileError(
+                    line.number,
+                    f"{first.field}: {first.message} (the file changed after it was checked; "
+                    "nothing was stored)",
+                )
+            chunk.append(event)
+            numbers.append(line.number)
+            if len(chunk) >= chunk_size:
+                flush()
+        flush()
+        if conflicts:
+            raise UsageFileConflict(sorted(conflicts, key=lambda c: c[0]))
     return ImportResult(
         lines=usage_file.lines_read,
         events=events,

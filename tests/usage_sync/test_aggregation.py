@@ -9,6 +9,7 @@ from django.db.models import F, Sum
 from tests.factories import UsageEventFactory
 from usage_sync import aggregation
 from usage_sync.aggregation import aggregate_usage, window_boundary
+from usage_sync.ingest import store_events, validate_events
 from usage_sync.models import (
     AggregatedBatch,
     AggregationConfig,
@@ -283,4 +284,35 @@ def test_an_event_arriving_mid_run_waits_for_the_next_run(monkeypatch):
     assert sorted(UsageRecord.objects.values_list("usage_units", flat=True)) == [
         Decimal("2"), Decimal("5")
     ]
+    assert_invariants()
+
+
+def test_the_largest_usage_ingest_takes_sums_exactly_and_other_accounts_still_aggregate():
+    # 200 events at ingest's limits overflowed the record's old columns, and the DataError
+    # failed every run, for every account, every minute.
+    whale = [
+        {"event_id": f"whale-{n}", "client_acct_id": "WHALE", "usage_type_code": "API_CALLS",
+         "usage_units": "99999999999999.999999", "amount": "9999999999999999.99",
+         "usage_date": at(9, n % 60).isoformat()}
+        for n in range(200)
+    ]
+    # A float would drift here (SQLite stored 123456700000.01994 for this sum).
+    ordinary = [
+        {"event_id": f"acme-{n}", "client_acct_id": "ACME-001", "usage_type_code": "API_CALLS",
+         "usage_units": "1234567.000001", "usage_date": at(9, n % 60).isoformat()}
+        for n in range(100_000)
+    ]
+    events, errors = validate_events(whale + ordinary)
+    assert not errors
+    store_events(events)
+
+    result = aggregate_usage(now=NOW)
+
+    assert result.records == 2
+    big = UsageRecord.objects.get(client_acct_id="WHALE")
+    assert str(big.usage_units) == "19999999999999999.999800"
+    assert str(big.amount) == "1999999999999999998.00"
+    assert str(UsageRecord.objects.get(client_acct_id="ACME-001").usage_units) == (
+        "123456700000.100000"
+    )
     assert_invariants()

@@ -133,3 +133,43 @@ def test_a_logged_in_session_may_ingest(user):
     response = client.post(URL, [event_payload(1)], format="json")
 
     assert response.status_code == 201
+
+
+def test_an_event_id_resent_with_other_content_is_a_conflict_and_nothing_is_stored(api_client):
+    api_client.post(URL, [event_payload(1), event_payload(2)], format="json")
+    correction = event_payload(2, usage_units="3.5", client_acct_id="ACCT-9")
+
+    response = api_client.post(URL, [event_payload(7), correction, event_payload(1)],
+                               format="json")
+
+    assert response.status_code == 409
+    body = response.json()
+    assert body["conflicts"] == [
+        {"event_id": "api-00000002", "indexes": [1], "fields": ["client_acct_id", "usage_units"]}
+    ]
+    assert "nothing was stored" in body["detail"]
+    assert not UsageEvent.objects.filter(event_id="api-00000007").exists()
+    assert UsageEvent.objects.get(event_id="api-00000002").usage_units == Decimal("2.5")
+
+
+def test_the_same_content_written_otherwise_is_still_a_duplicate(api_client):
+    api_client.post(URL, [event_payload(1, usage_units="2.5", amount="10")], format="json")
+
+    response = api_client.post(
+        URL, [event_payload(1, usage_units="2.500000", amount=10.0)], format="json"
+    )
+
+    assert response.status_code == 201
+    assert response.json() == {"received": 1, "created": 0, "duplicates": 1}
+
+
+def test_one_event_id_twice_in_a_request_with_other_content_is_a_conflict(api_client):
+    response = api_client.post(
+        URL, [event_payload(1), event_payload(2), event_payload(1, amount="4.20")], format="json"
+    )
+
+    assert response.status_code == 409
+    assert response.json()["conflicts"] == [
+        {"event_id": "api-00000001", "indexes": [0, 2], "fields": ["amount"]}
+    ]
+    assert not UsageEvent.objects.exists()

@@ -85,7 +85,9 @@ def test_reimporting_counts_duplicates_and_stores_nothing_twice(tmp_path):
     assert UsageEvent.objects.count() == 7
 
 
-def test_a_rerun_after_a_crash_stores_only_the_missing_chunks(tmp_path, monkeypatch):
+def test_a_crash_midway_stores_nothing_and_a_rerun_imports_the_whole_file(
+    tmp_path, monkeypatch
+):
     path = tmp_path / "usage.jsonl"
     write_jsonl(path, [event(n) for n in range(5)])
     real_store = usage_files.store_events
@@ -100,13 +102,33 @@ def test_a_rerun_after_a_crash_stores_only_the_missing_chunks(tmp_path, monkeypa
     monkeypatch.setattr(usage_files, "store_events", crash_on_second_chunk)
     with pytest.raises(RuntimeError):
         run(path, chunk_size=2)
-    assert UsageEvent.objects.count() == 2
+    assert UsageEvent.objects.count() == 0
     monkeypatch.setattr(usage_files, "store_events", real_store)
 
     output = run(path, chunk_size=2)
 
-    assert "5 events, 3 created, 2 duplicates" in output
+    assert "5 events, 5 created, 0 duplicates" in output
     assert UsageEvent.objects.count() == 5
+
+
+def test_an_event_id_reused_with_other_content_names_the_line_and_stores_nothing(tmp_path):
+    write_jsonl(tmp_path / "first.jsonl", [event(1), event(2)])
+    run(tmp_path / "first.jsonl")
+    path = tmp_path / "second.jsonl"
+    write_jsonl(path, [
+        event(3), event(4),  # a first chunk that would have been stored
+        event(1),  # the same event again: a duplicate, fine
+        event(2, usage_units="13", usage_date="2026-11-24T11:15:00Z"),  # a correction
+        event(5), event(5, client_acct_id="ACME-002"),  # one id, two events in this file
+    ])
+
+    message = import_error(path, chunk_size=2)
+
+    assert "nothing was stored" in message
+    assert "line 4, event_id 'evt-000002': differs in usage_units, usage_date" in message
+    assert "line 6, event_id 'evt-000005': differs in client_acct_id" in message
+    assert UsageEvent.objects.count() == 2
+    assert UsageEvent.objects.get(event_id="evt-000002").usage_units == Decimal("12.5")
 
 
 def test_it_stores_each_chunk_with_its_own_store_call(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from allegro.progress import progress as progress_bar
 from usage_sync.usage_files import (
     FORMATS,
     UsageFile,
+    UsageFileConflict,
     UsageFileError,
     check_usage_file,
     format_from_name,
@@ -75,6 +76,8 @@ class Command(BaseCommand):
                     stored = import_usage_file(usage_file, chunk_size=chunk_size, progress=progress)
                 except UsageFileError as exc:
                     raise CommandError(str(exc)) from exc
+                except UsageFileConflict as exc:
+                    raise CommandError(self._describe_conflicts(file, exc, max_errors)) from exc
         seconds = result.seconds + stored.seconds
         self.stdout.write(
             f"Read {stored.lines:,} lines: {stored.events:,} events, {stored.created:,} created, "
@@ -95,6 +98,21 @@ class Command(BaseCommand):
             raise CommandError(f"{file}: no such file.") from None
         except OSError as exc:
             raise CommandError(f"Cannot open {file}: {exc.strerror or exc}.") from exc
+
+    @staticmethod
+    def _describe_conflicts(file: str, exc: UsageFileConflict, max_errors: int) -> str:
+        lines = [
+            f"{file}: {len(exc.conflicts):,} events reuse an event_id already used for an "
+            "event with other content (a correction needs a new event_id); nothing was stored."
+        ]
+        lines += [
+            f"  line {number}, event_id {conflict.event_id!r}: differs in "
+            f"{', '.join(conflict.fields)}"
+            for number, conflict in exc.conflicts[:max_errors]
+        ]
+        if len(exc.conflicts) > max_errors:
+            lines.append(f"  … and {len(exc.conflicts) - max_errors:,} more.")
+        return "\n".join(lines)
 
     @staticmethod
     def _describe_errors(file: str, result) -> str:
