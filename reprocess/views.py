@@ -168,7 +168,9 @@ class BatchListView(ConsoleMixin, SingleTableMixin, FilterView):
 
 
 class ErrorSummaryView(ConsoleMixin, View):
-    """The expanded row: the batch's incomplete records by status and error code."""
+    """A batch's incomplete records by status and error code: a page of its own (the
+    batch row's expand icon is a link to it), or with ?fragment=1 the expanded row that
+    the console's script puts under the batch."""
 
     def get(self, request, batch_id: int):
         batch = get_object_or_404(AggregatedBatch, pk=batch_id)
@@ -182,8 +184,9 @@ class ErrorSummaryView(ConsoleMixin, View):
                 level=ReprocessLevel.ERROR_SUMMARY, batch=batch.pk,
                 error_code=line["error_code"], status=line["status"],
             )
-        return render(request, "reprocess/partials/error_summary.html",
-                      {"batch": batch, "lines": lines})
+        template = ("reprocess/partials/error_summary.html" if request.GET.get("fragment")
+                    else "reprocess/batch_summary.html")
+        return render(request, template, {"batch": batch, "lines": lines})
 
 
 def _reprocess_url(**params) -> str:

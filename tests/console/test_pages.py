@@ -119,6 +119,20 @@ def test_the_summary_lists_error_code_and_status_lines_with_links(client):
     assert "View records" in html
 
 
+def test_the_expand_icon_is_a_link_to_a_summary_page_and_the_script_gets_the_fragment(client):
+    batch = make_batch(errors={"1009": 2})
+    listing = client.get(reverse("console:batches")).content.decode()
+    summary_url = reverse("console:batch-summary", args=[batch.pk])
+    assert f'class="icon-btn js-expand" href="{summary_url}"' in listing
+
+    page = client.get(summary_url).content.decode()
+    fragment = client.get(summary_url, {"fragment": "1"}).content.decode()
+
+    # Without JavaScript the link opens a whole console page; the script asks for the row.
+    assert "<html" in page and f"Batch {batch.pk}" in page and "1009" in page
+    assert "<html" not in fragment and "1009" in fragment
+
+
 def test_the_confirmation_shows_the_dry_run_counts(client):
     batch = make_batch(complete=1, errors={"1009": 2}, pending=1)
     make_batch(errors={"1": 4})
@@ -173,9 +187,12 @@ def test_a_reprocess_error_is_shown_clearly(client):
 def test_users_without_the_permission_see_no_buttons_and_get_403(viewer_client):
     batch = make_batch(errors={"1009": 2})
     page = viewer_client.get(reverse("console:batches")).content.decode()
-    summary = viewer_client.get(reverse("console:batch-summary", args=[batch.pk]))
+    summary_url = reverse("console:batch-summary", args=[batch.pk])
+    fragment = viewer_client.get(summary_url, {"fragment": "1"}).content.decode()
+    summary_page = viewer_client.get(summary_url).content.decode()
     assert "Reprocess" not in page.replace("Billing Sync Reprocess", "")
-    assert "btn" not in summary.content.decode()
+    assert "btn" not in fragment
+    assert "Reprocess" not in summary_page.replace("Billing Sync Reprocess", "")
     assert viewer_client.get(reverse("console:reprocess"), {"level": "ALL"}).status_code == 403
     response = viewer_client.post(reverse("console:reprocess"), {"level": "ALL"})
     assert response.status_code == 403

@@ -2,6 +2,8 @@
 (function () {
   "use strict";
 
+  // The expand icon is a link to the batch's summary page; with the script, the summary
+  // opens in place under the row instead.
   function toggleSummary(button) {
     var row = button.closest("tr");
     var next = row.nextElementSibling;
@@ -18,7 +20,9 @@
     summary.appendChild(cell);
     row.after(summary);
     button.setAttribute("aria-expanded", "true");
-    fetch(button.dataset.url, { credentials: "same-origin" })
+    var url = new URL(button.href, window.location.href);
+    url.searchParams.set("fragment", "1");
+    fetch(url.toString(), { credentials: "same-origin" })
       .then(function (r) {
         if (!r.ok) { throw new Error("HTTP " + r.status); }
         return r.text();
@@ -48,7 +52,10 @@
 
   document.addEventListener("click", function (event) {
     var button = event.target.closest(".js-expand");
-    if (button) { toggleSummary(button); }
+    if (button && !event.ctrlKey && !event.metaKey && !event.shiftKey) {
+      event.preventDefault();
+      toggleSummary(button);
+    }
   });
 
   document.addEventListener("DOMContentLoaded", function () {
