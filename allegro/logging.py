@@ -114,6 +114,25 @@ def _text_value(value) -> str:
     return text
 
 
+class RoutineCeleryLines(logging.Filter):
+    """Drop Celery's routine INFO lines: each task received and succeeded (with its data
+    dict) and each task beat sends, several every few seconds, forever. Failures, retries
+    and everything of ours stay; LOG_LEVEL=DEBUG shows these too."""
+
+    # Logger name -> the message prefix that marks its routine lines ("": all of them).
+    ROUTINE = {
+        "celery.worker.strategy": "",
+        "celery.app.trace": "",
+        "celery.beat": "Scheduler: Sending due task",
+    }
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        prefix = self.ROUTINE.get(record.name)
+        if prefix is None or record.levelno != logging.INFO:
+            return True
+        return not str(record.msg).startswith(prefix)
+
+
 def default_log_format(*, debug: bool) -> str:
     """JSON in production, text when developing."""
     return "text" if debug else "json"
@@ -130,7 +149,14 @@ def logging_config(*, log_format: str, level: str) -> dict:
             "json": {"()": "allegro.logging.JsonFormatter"},
             "text": {"()": "allegro.logging.TextFormatter"},
         },
-        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": log_format}},
+        "filters": {"routine": {"()": "allegro.logging.RoutineCeleryLines"}},
+        "handlers": {
+            "console": {
+                "class": "logging.StreamHandler",
+                "formatter": log_format,
+                "filters": [] if level.upper() == "DEBUG" else ["routine"],
+            }
+        },
         "root": {"handlers": ["console"], "level": level},
         # Django's default config and gunicorn's give these loggers handlers of their
         # own; without them every line reaches the root handler once, formatted alike.

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import pytest
 import responses
 
-from allegro.logging import logging_config, redact_url
+from allegro.logging import RoutineCeleryLines, logging_config, redact_url
 from tests.services import ROOT
 from usage_sync.aggregation import aggregate_usage
 from usage_sync.billing import AriaClient
@@ -159,3 +159,20 @@ def test_a_celery_worker_logs_json_lines_too(tmp_path):
     assert {"level", "logger", "message", "time"} <= set(records[-1])
     assert records[-1]["message"].endswith("ready.")
     assert not [line for line in seen if CELERY_OWN_FORMAT.match(line)]
+
+
+@pytest.mark.parametrize("level, quiet", [("INFO", True), ("DEBUG", False)])
+def test_celerys_routine_task_lines_show_only_at_debug_level(level, quiet):
+    handler = logging_config(log_format="text", level=level)["handlers"]["console"]
+    assert (handler["filters"] == ["routine"]) is quiet
+    routine = RoutineCeleryLines()
+
+    def shown(name, level, msg):
+        return routine.filter(logging.LogRecord(name, level, __file__, 1, msg, (), None))
+
+    assert not shown("celery.worker.strategy", logging.INFO, "Task %s[%s] received")
+    assert not shown("celery.app.trace", logging.INFO, "Task %s[%s] succeeded in %ss: %s")
+    assert not shown("celery.beat", logging.INFO, "Scheduler: Sending due task %s (%s)")
+    assert shown("celery.beat", logging.INFO, "beat: Starting...")
+    assert shown("celery.app.trace", logging.ERROR, "Task %s[%s] raised unexpected: %r")
+    assert shown("usage_sync.sync", logging.INFO, "batch %s synced: …")
