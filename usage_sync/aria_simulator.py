@@ -40,7 +40,12 @@ fires after the records were stored. For the fault suite (tests/faults):
   with HTTP 200 and a body that is not Aria's JSON (truncated, HTML, empty, a JSON array,
   an object without `error_code`, in turn);
 - `bogus_error_records`: every `bulk_record_usage_m` answer also carries error records for
-  client_record_ids that were not in the call (a list of ids, or a count of made-up ones).
+  client_record_ids that were not in the call (a list of ids, or a count of made-up ones);
+- `anonymous_error_records`: error records come without `out_client_record_id` (null), so
+  the client cannot tell which of its records failed;
+- `late_store_seconds` (s or [min, max], seeded): a call that stores records waits that long
+  *before* storing them, then stores them all the same: a client whose timeout is shorter
+  has given up by then (a gateway timing out while core Aria's backend keeps working).
 Admin endpoints live under `/_sim/` (see `_Handler`); `POST /_sim/forget` drops stored
 records by client_record_id (as if core Aria lost them), for reconciliation tests.
 """
@@ -179,6 +184,8 @@ class SimulatorConfig:
     malformed_rate: float = 0.0
     malformed_next_n: int = 0
     bogus_error_records: list[str] | int = 0
+    anonymous_error_records: bool = False
+    late_store_seconds: tuple[float, float] = (0.0, 0.0)
 
     @classmethod
     def default(cls) -> "SimulatorConfig":
@@ -195,7 +202,8 @@ class SimulatorConfig:
         latency_seconds (s, [min, max] or {"min", "max"}), error_rate (0..1), seed,
         late_answer_seconds, fail_next_n, partial_error_code (int, or null for the first
         failed record's code), flap_fail_calls, flap_pass_calls, fail_after_store (bool),
-        malformed_rate (0..1), malformed_next_n, bogus_error_records (list of ids, or count).
+        malformed_rate (0..1), malformed_next_n, bogus_error_records (list of ids, or count),
+        anonymous_error_records (bool), late_store_seconds (like latency_seconds).
         Nothing changes when a value is invalid.
         """
         if not isinstance(changes, dict):
@@ -221,8 +229,9 @@ class SimulatorConfig:
             new.usage_types, new.any_usage_type = {}, False
         if "usage_types" in changes:
             new._add_usage_types(changes["usage_types"])
-        if "latency_seconds" in changes:
-            new.latency_seconds = _config_latency(changes["latency_seconds"])
+        for name in ("latency_seconds", "late_store_seconds"):
+            if name in changes:
+                setattr(new, name, _config_latency(changes[name], name))
         if "error_rate" in changes:
             rate = _config_seconds(changes["error_rate"], "error_rate")
             if rate > 1:
@@ -251,10 +260,11 @@ class SimulatorConfig:
                 if count < 0:
                     raise ConfigError(f"{name} must not be negative")
                 setattr(new, name, count)
-        if "fail_after_store" in changes:
-            if not isinstance(changes["fail_after_store"], bool):
-                raise ConfigError("fail_after_store must be true or false")
-            new.fail_after_store = changes["fail_after_store"]
+        for name in ("fail_after_store", "anonymous_error_records"):
+            if name in changes:
+                if not isinstance(changes[name], bool):
+                    raise ConfigError(f"{name} must be true or false")
+                setattr(new, name, changes[name])
         if "malformed_rate" in changes:
             rate = _config_seconds(changes["malformed_rate"], "malformed_rate")
             if rate > 1:
@@ -287,6 +297,8 @@ class SimulatorConfig:
             "malformed_rate": self.malformed_rate,
             "malformed_next_n": self.malformed_next_n,
             "bogus_error_records": self.bogus_error_records,
+            "anonymous_error_records": self.anonymous_error_records,
+            "late_store_seconds": list(self.late_store_seconds),
         }
 
     def find_account(self, field_name: str, value) -> Account | None:
@@ -356,6 +368,7 @@ _CONFIG_KEYS = {
     "reset_usage_types", "latency_seconds", "error_rate", "seed", "late_answer_seconds",
     "fail_next_n", "partial_error_code", "flap_fail_calls", "flap_pass_calls",
     "fail_after_store", "malformed_rate", "malformed_next_n", "bogus_error_records",
+    "anonymous_error_records", "late_store_seconds",
 }
 
 
@@ -385,6 +398,7 @@ class AriaSimulator:
         self._failure_random = random.Random(self.config.seed)
         self._latency_random = random.Random(self.config.seed)
         self._malformed_random = random.Random(self.config.seed)
+        self._late_store_random = random.Random(self.config.seed)
 
     # --- API calls -------------------------------------------------------------------------
 
@@ -414,8 +428,16 @@ class AriaSimulator:
             injected = self._injected_failure()
             malformed = None if injected else self._malformed_body_kind(entry["id"])
             latency = self._latency_random.uniform(*self.config.latency_seconds)
+            stores = entry["rest_call"] in ("bulk_record_usage_m", "record_usage_m")
+            late_store = (
+                self._late_store_random.uniform(*self.config.late_store_seconds) if stores else 0
+            )
         if latency:
             self.stopping.wait(latency)
+        if late_store:
+            # The caller may have given up by now; the records are stored all the same.
+            entry["late_store_seconds"] = round(late_store, 3)
+            self.stopping.wait(late_store)
         # The entry is in the call log: change it only under the lock.
         with self._lock:
             if injected and self.config.fail_after_store:
@@ -541,7 +563,8 @@ class AriaSimulator:
             except _ApiError as error:
                 client_record_id = rec.get("client_record_id") if isinstance(rec, dict) else None
                 error_records.append({
-                    "out_client_record_id": None if client_record_id is None
+                    "out_client_record_id": None
+                    if client_record_id is None or self.config.anonymous_error_records
                     else str(client_record_id),
                     "acct_no": error.acct_no,
                     "record_error_code": error.code,
@@ -1219,15 +1242,15 @@ def _config_bogus(value) -> list[str] | int:
     return count
 
 
-def _config_latency(value) -> tuple[float, float]:
+def _config_latency(value, name: str = "latency_seconds") -> tuple[float, float]:
     if isinstance(value, dict):
         value = [value.get("min", 0), value.get("max", value.get("min", 0))]
     if isinstance(value, list) and len(value) == 2:
-        low, high = (_config_seconds(v, "latency_seconds") for v in value)
+        low, high = (_config_seconds(v, name) for v in value)
         if low > high:
-            raise ConfigError("latency_seconds: min is greater than max")
+            raise ConfigError(f"{name}: min is greater than max")
         return low, high
-    seconds = _config_seconds(value, "latency_seconds")
+    seconds = _config_seconds(value, name)
     return seconds, seconds
 
 

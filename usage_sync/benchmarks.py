@@ -341,29 +341,13 @@ def _gunicorn(
 def _child_process(
     command: list[str], *, env: dict, name: str, log: Path | None = None
 ) -> Iterator[subprocess.Popen]:
-    """Run `command` in a process group of its own; always stop the whole group after.
-
-    SIGTERM goes to the leader only, so gunicorn and Celery shut their children down
-    themselves; whatever is left of the group after 30 s is killed.
-    """
-    with (open(log, "ab") if log else contextlib.nullcontext()) as out:
-        child = subprocess.Popen(
-            command, cwd=settings.BASE_DIR, env=env, stdout=out,
-            stderr=subprocess.STDOUT if log else None, start_new_session=True,
-        )
+    """Run `command` in a process group of its own; always stop the whole group after."""
+    child = _Restartable(command, env=env, name=name, log=log)
+    child.start()
     try:
-        yield child
+        yield child.child
     finally:
-        child.send_signal(signal.SIGTERM)
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            logger.warning("%s (pid %d) ignored SIGTERM; killing it", name, child.pid)
-        try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # the group is gone: nothing was left behind
-        child.wait()
+        child.stop()
 
 
 def _free_port() -> int:
@@ -881,7 +865,7 @@ def _sync_worker(
         "ARIA_API_URL": aria_url,
         "ARIA_CLIENT_NO": str(settings.ARIA_CLIENT_NO),
         "ARIA_AUTH_KEY": settings.ARIA_AUTH_KEY,
-        "KAFKA_PARTITION_ASSIGNMENT_STRATEGY": "range",  # tansu: no cooperative rebalance
+        "KAFKA_PARTITION_ASSIGNMENT_STRATEGY": "range",  # tansu: no cooperative rebalances
     }
     command = [
         sys.executable, "-m", "celery", "-A", "allegro", "worker", "--pool=prefork",
@@ -889,20 +873,68 @@ def _sync_worker(
         "--without-mingle", "--without-gossip", "--without-heartbeat",
     ]
     app = Celery("allegro-bench", broker=redis_url, set_as_current=False)
+    worker = _Restartable(command, env=env, name="celery worker", log=logs / "worker.log")
     try:
         with override_settings(KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_AGGREGATED_TOPIC=topic):
             ensure_topic()
-            with _child_process(
-                command, env=env, name="celery worker", log=logs / "worker.log"
-            ) as worker:
-                _wait_for_worker(app, hostname=hostname, worker=worker)
-                idle = _TreeMemory(worker.pid)
-                idle.sample()
-                join_seconds = _wait_for_consumer_group(bootstrap, group=group, worker=worker)
-                yield worker, join_seconds, idle
+            worker.start()
+            _wait_for_worker(app, hostname=hostname, worker=worker)
+            idle = _TreeMemory(worker.pid)
+            idle.sample()
+            join_seconds = _wait_for_consumer_group(bootstrap, group=group, worker=worker)
+            yield worker, join_seconds, idle
     finally:
+        worker.stop()
         app.close()
         _delete_redis_keys(redis_url, containing=tag)
+
+
+class _Restartable:
+    """A child in a process group of its own, that can be stopped and started again.
+
+    SIGTERM goes to the leader only, so gunicorn and Celery shut their children down
+    themselves; whatever is left of the group after 30 s is killed.
+    """
+
+    def __init__(self, command: list[str], *, env: dict, name: str, log: Path | None = None):
+        self.command, self.env, self.name, self.log = command, env, name, log
+        self.child: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with (open(self.log, "ab") if self.log else contextlib.nullcontext()) as out:
+            self.child = subprocess.Popen(
+                self.command, cwd=settings.BASE_DIR, env=self.env, stdout=out,
+                stderr=subprocess.STDOUT if self.log else None, start_new_session=True,
+            )
+
+    def stop(self) -> None:
+        if self.child is None or self.child.returncode is not None:
+            return
+        self.child.send_signal(signal.SIGTERM)
+        try:
+            self.child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, self.child.pid)
+        try:
+            os.killpg(self.child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the group is gone: nothing was left behind
+        self.child.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.child.returncode
+
+    def poll(self) -> int | None:
+        return self.child.poll()
 
 
 def _wait_for_worker(app: Celery, *, hostname: str, worker: subprocess.Popen) -> None:

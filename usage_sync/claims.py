@@ -33,6 +33,8 @@ class ClaimLost(Exception):
 class Claim:
     batch_id: int
     token: uuid.UUID
+    # Milliseconds from the batch id's last publish to this claim (None: never published).
+    publish_to_claim_ms: int | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def take(cls, batch_id: int) -> Claim | None:
@@ -50,9 +52,11 @@ class Claim:
         published_at = (
             AggregatedBatch.objects.filter(id=batch_id).values_list("published_at", flat=True)
         ).first()
-        if published_at:
-            metrics.PUBLISH_TO_CLAIM.observe(max((now - published_at).total_seconds(), 0))
-        return cls(batch_id, token)
+        if published_at is None:
+            return cls(batch_id, token)
+        waited = max((now - published_at).total_seconds(), 0.0)
+        metrics.PUBLISH_TO_CLAIM.observe(waited)
+        return cls(batch_id, token, round(waited * 1000))
 
     @contextmanager
     def fenced(self) -> Iterator[AggregatedBatch]:

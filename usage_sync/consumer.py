@@ -49,11 +49,16 @@ class BatchMessage:
             return None
 
 
-def consumer_config() -> dict:
-    # Dynamic group membership on purpose: a dead member's partitions move to the others
-    # after the session timeout. (Static membership kept them from a restarted worker
-    # on the tansu broker.)
-    return {
+def consumer_config(*, member: str | None = None) -> dict:
+    """The consumer's settings; `member` makes it a static member of the group.
+
+    A worker's consumers are static members named after the worker and their slot: a
+    worker that restarts takes its partitions back without a rebalance of the whole group,
+    and a broker that mishandles members leaving and joining (tansu elected a member that
+    had left as the group's leader, so no assignment ever came) is not asked to. A member
+    that does not come back loses its partitions after KAFKA_SESSION_TIMEOUT_MS.
+    """
+    config = {
         "bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS,
         "group.id": settings.KAFKA_CONSUMER_GROUP,
         "enable.auto.commit": False,
@@ -63,6 +68,9 @@ def consumer_config() -> dict:
         "max.poll.interval.ms": settings.KAFKA_MAX_POLL_INTERVAL_MS,
         "session.timeout.ms": settings.KAFKA_SESSION_TIMEOUT_MS,
     }
+    if member:
+        config["group.instance.id"] = member
+    return config
 
 
 def consume_batches(
@@ -70,9 +78,10 @@ def consume_batches(
     should_stop: Callable[[], bool],
     max_seconds: float | None = None,
     client: AriaClient | None = None,
+    member: str | None = None,
 ) -> int:
     """Sync every batch id read from the topic until told to stop; return how many."""
-    consumer = Consumer(consumer_config())
+    consumer = Consumer(consumer_config(member=member))
     consumer.subscribe([settings.KAFKA_AGGREGATED_TOPIC])
     client = client or AriaClient()
     deadline = time.monotonic() + max_seconds if max_seconds else None
@@ -116,23 +125,29 @@ def _commit(consumer: Consumer, message: Message) -> None:
 
 class ConsumerProcesses:
     """Keep `count` consumer processes (manage.py consume_batches) running, restarting any
-    that dies, until stop(). Started in the worker's main process, outside its pool."""
+    that dies, until stop(). Started in the worker's main process, outside its pool. With a
+    `worker_name`, each is the static group member "<worker name>/sync-<slot>"."""
 
     CHECK_EVERY_SECONDS = 1.0
     # A consumer that died is restarted after this pause, so a crash loop cannot spin.
     RESTART_DELAY_SECONDS = 5.0
 
-    def __init__(self, count: int, *, stop_timeout: float):
+    def __init__(self, count: int, *, stop_timeout: float, worker_name: str = ""):
         self.count = count
+        self.worker_name = worker_name
         self.stop_timeout = stop_timeout
         self.processes: list[subprocess.Popen | None] = [None] * count
         self.restart_at = [0.0] * count
         self.stopping = False
 
-    def command(self) -> list[str]:
+    def command(self, slot: int) -> list[str]:
         # python -m django: no manage.py needed; DJANGO_SETTINGS_MODULE is in the
         # environment (allegro/celery.py sets it). --parent lets the child notice our death.
-        return [sys.executable, "-m", "django", "consume_batches", "--parent", str(os.getpid())]
+        command = [sys.executable, "-m", "django", "consume_batches",
+                   "--parent", str(os.getpid())]
+        if self.worker_name:
+            command += ["--member", f"{self.worker_name}/sync-{slot}"]
+        return command
 
     def check(self) -> None:
         """Start the consumers that are not running."""
@@ -146,7 +161,7 @@ class ConsumerProcesses:
                 self.processes[slot] = None
                 self.restart_at[slot] = time.monotonic() + self.RESTART_DELAY_SECONDS
             if time.monotonic() >= self.restart_at[slot]:
-                self.processes[slot] = subprocess.Popen(self.command())
+                self.processes[slot] = subprocess.Popen(self.command(slot))
 
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM each: it finishes the batch in hand, leaves the group and exits."""

@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -115,12 +115,14 @@ assert DUPLICATE_LAG % DUPLICATE_EVERY and DUPLICATE_LAG >= REQUEST_SIZE
 
 def soak(
     *, database_url: str, seconds: float = DEFAULT_SECONDS, rate: float = DEFAULT_RATE,
-    logs: Path | None = None,
+    logs: Path | None = None, restart_worker_at: float | None = None,
 ):
     """Run the soak; return its result dicts, the last a summary with `ok`.
 
     `ok` is false when an invariant fails, the pipeline did not drain, a worker task
     failed, or any request failed (HTTP 5xx, another unexpected status, or no answer).
+    With `restart_worker_at`, the worker is stopped (SIGTERM) and started again that many
+    seconds into the load.
     The processes' logs go to `logs` when given (kept), else to a temporary directory.
     """
     machine = machine_facts()
@@ -157,7 +159,7 @@ def soak(
                         run = _run(
                             base_url=base_url, token=token, operator=operator, queue=queue,
                             config=config, seconds=seconds, rate=rate, errors=errors,
-                            worker=worker,
+                            worker=worker, restart_at=restart_worker_at,
                         )
                     worker_memory = {
                         "idle_rss_mb": round(idle.peak_rss_kb / 1024, 1),
@@ -174,7 +176,8 @@ def soak(
     )
 
 
-def _run(*, base_url, token, operator, queue, config, seconds, rate, errors, worker) -> dict:
+def _run(*, base_url, token, operator, queue, config, seconds, rate, errors, worker,
+         restart_at=None) -> dict:
     """Ingest, beat and console reads for `seconds`, then the drain; return the numbers."""
     app = Celery("allegro-soak", broker=bench_redis_url(db=SOAK_REDIS_DB), set_as_current=False)
     beat = _Beat(app, queue=queue)
@@ -187,6 +190,7 @@ def _run(*, base_url, token, operator, queue, config, seconds, rate, errors, wor
     )
     console = _Console(base_url, errors=errors)
     console.log_in(*operator)
+    restart = None
     try:
         started = time.monotonic()
         ingest.start()
@@ -195,6 +199,10 @@ def _run(*, base_url, token, operator, queue, config, seconds, rate, errors, wor
             shown = 0
             while (elapsed := time.monotonic() - started) < seconds:
                 beat.tick()
+                if restart is None and restart_at is not None and elapsed >= restart_at:
+                    restart = {"at": time.time()}
+                    worker.restart()  # SIGTERM: a warm shutdown, then a new worker
+                    restart["seconds"] = time.time() - restart["at"]
                 if worker.poll() is not None:
                     raise BenchmarkError(f"the celery worker exited with {worker.returncode}")
                 time.sleep(min(1.0, seconds - elapsed))
@@ -225,6 +233,7 @@ def _run(*, base_url, token, operator, queue, config, seconds, rate, errors, wor
         "final_run_events": final.events,
         "drain_seconds": drain_seconds,
         "run_seconds": time.monotonic() - started,
+        "restart": restart,
     }
 
 
@@ -556,12 +565,27 @@ def _ms(values: list[float], percent: float) -> float | None:
 
 
 class _WorkerLog:
-    """What the worker's log says went wrong: failed tasks by name, aggregation races."""
+    """What the worker's log says: failed tasks by name, aggregation races, and when each
+    batch was claimed how long after its publish."""
+
+    CLAIM = re.compile(
+        r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*claimed (\d+) ms after its publish",
+        re.M,
+    )
 
     def __init__(self, text: str):
         self.failed_tasks = Counter(re.findall(r"Task (\S+?)\[[0-9a-f-]+\] raised", text))
         self.aggregation_races = text.count("aggregation raced with ingest")
         self.tracebacks = text.count("Traceback")
+        # (when, ms): the worker logs in UTC (TIME_ZONE), with millisecond timestamps.
+        self.claims = [
+            (datetime.strptime(when, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC).timestamp()
+             + int(millis) / 1000, int(ms))
+            for when, millis, ms in self.CLAIM.findall(text)
+        ]
+
+    def claim_ms(self, *, since: float = 0, until: float = float("inf")) -> list[int]:
+        return [ms for when, ms in self.claims if since <= when < until]
 
 
 def _results(*, run, report, errors, seconds, rate, worker_memory, worker_log, machine):
@@ -604,6 +628,8 @@ def _results(*, run, report, errors, seconds, rate, worker_memory, worker_log, m
         .order_by().values_list("sync_error_code").annotate(n=Count("id"))
     )
     synced = sum(n for status, n in by_status.items() if status != RecordStatus.PENDING)
+    restart = run["restart"]
+    claims = worker_log.claim_ms(until=restart["at"] if restart else float("inf"))
     sync_span = run["ingest_seconds"] + run["drain_seconds"]
     completion = _completion_seconds()
     return [
@@ -656,6 +682,10 @@ def _results(*, run, report, errors, seconds, rate, worker_memory, worker_log, m
             "call_ms_p95": _percentile(call_ms, 95) if call_ms else None,
             "aggregated_to_complete_s_p50": completion[0],
             "aggregated_to_complete_s_p95": completion[1],
+            # From a batch id's last publish to a consumer claiming the batch.
+            "publish_to_claim_ms_p50": _percentile(claims, 50) if claims else None,
+            "publish_to_claim_ms_p95": _percentile(claims, 95) if claims else None,
+            "publish_to_claim_ms_max": max(claims, default=None),
             "drain_seconds": round(run["drain_seconds"], 1),
             "worker": worker_memory,
         },
@@ -671,6 +701,7 @@ def _results(*, run, report, errors, seconds, rate, worker_memory, worker_log, m
                 for page in CONSOLE_PAGES
             },
         },
+        *([_restart_result(restart, worker_log)] if restart else []),
         {
             "benchmark": "soak_summary",
             "seconds": seconds,
@@ -692,6 +723,20 @@ def _results(*, run, report, errors, seconds, rate, worker_memory, worker_log, m
             "machine": machine,
         },
     ]
+
+
+def _restart_result(restart: dict, worker_log: _WorkerLog) -> dict:
+    """Claims in the minute after a worker restart began: the batches published while it
+    was down or while its consumers joined the group."""
+    claims = worker_log.claim_ms(since=restart["at"], until=restart["at"] + 60)
+    return {
+        "benchmark": "soak_worker_restart",
+        "stop_and_start_seconds": round(restart["seconds"], 1),
+        "claims_in_the_next_minute": len(claims),
+        "publish_to_claim_ms_p50": _percentile(claims, 50) if claims else None,
+        "publish_to_claim_ms_p95": _percentile(claims, 95) if claims else None,
+        "publish_to_claim_ms_max": max(claims, default=None),
+    }
 
 
 def _completion_seconds() -> tuple[float | None, float | None]:

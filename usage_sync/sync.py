@@ -239,16 +239,17 @@ def _store_outcome(claim: Claim, answer: MappedAnswer, *, sent_at: datetime,
             )
             claim.release(finished=True)
         errored = sum(errored_by_code.values())
-        _log_call(claim.batch_id, client, sent=sent, completed=completed, errored=errored,
+        _log_call(claim, client, sent=sent, completed=completed, errored=errored,
                   error=error, answer=answer, retry_at=sent_at + settle_window())
         # Counted once the outcome commits, so a rolled-back store counts nothing.
         transaction.on_commit(lambda: _count_outcomes(completed, errored_by_code))
     return completed, errored
 
 
-def _log_call(batch_id: int, client: AriaClient, *, sent: int, completed: int, errored: int,
+def _log_call(claim: Claim, client: AriaClient, *, sent: int, completed: int, errored: int,
               error: tuple[str, str], answer: MappedAnswer, retry_at: datetime) -> None:
     """The call's activity-log entry and log line."""
+    batch_id = claim.batch_id
     call = client.last_call
     receipt = call.client_receipt_id if call else ""
     duration_ms = call.duration_ms if call else None
@@ -291,10 +292,12 @@ def _log_call(batch_id: int, client: AriaClient, *, sent: int, completed: int, e
             extra={"batch_id": batch_id, "client_receipt_id": receipt},
         )
     logger.info(
-        "batch %s synced: %d sent, %d complete, %d error (receipt %s, %s ms)",
-        batch_id, sent, completed, errored, receipt, duration_ms,
+        "batch %s synced: %d sent, %d complete, %d error (receipt %s, %s ms; claimed %s ms "
+        "after its publish)",
+        batch_id, sent, completed, errored, receipt, duration_ms, claim.publish_to_claim_ms,
         extra={"batch_id": batch_id, "client_receipt_id": receipt, "duration_ms": duration_ms,
-               "sent": sent, "completed": completed, "errors": errored},
+               "sent": sent, "completed": completed, "errors": errored,
+               "publish_to_claim_ms": claim.publish_to_claim_ms},
     )
 
 

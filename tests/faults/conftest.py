@@ -33,7 +33,8 @@ APP_NAME = "allegro-fault-worker"
 CALM = {
     "latency_seconds": 0, "error_rate": 0, "late_answer_seconds": 0, "fail_next_n": 0,
     "flap_fail_calls": 0, "flap_pass_calls": 0, "fail_after_store": False, "malformed_rate": 0,
-    "malformed_next_n": 0, "bogus_error_records": 0,
+    "malformed_next_n": 0, "bogus_error_records": 0, "anonymous_error_records": False,
+    "late_store_seconds": 0,
 }
 
 

@@ -2,11 +2,13 @@
 error records for client_record_ids that were not in the call."""
 
 import random
+from collections import Counter
 
 import pytest
 
 from tests.faults.conftest import wait_for_call
-from usage_sync.models import RecordStatus, SyncActivity, UsageRecord
+from tests.services import wait_for
+from usage_sync.models import AggregatedBatch, RecordStatus, SyncActivity, UsageRecord
 from usage_sync.publishing import publish_batches
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
@@ -86,3 +88,47 @@ def test_error_records_for_ids_not_in_the_call_are_logged_and_touch_nothing(stac
     assert not UsageRecord.objects.exclude(status=RecordStatus.COMPLETE).exists()
     assert "could not be mapped" in stack.logs()
     wait_for_call(stack, "bulk_record_usage_m", after=len(batch_ids))
+
+
+def billed_per_call(stack) -> Counter:
+    """How many bulk_record_usage_m calls carried each client_record_id."""
+    return Counter(
+        cid for c in stack.simulator.calls() if c["rest_call"] == "bulk_record_usage_m"
+        for cid in c["client_record_ids"]
+    )
+
+
+def test_core_aria_storing_a_call_after_the_client_gave_up_bills_each_record_once(stack):
+    stack.ingest(accounts=["ACME-001", "ACME-002"], hours=2)
+    batch_ids = stack.aggregate(batch_size=2)
+    # Every call: the client gives up after 2 s; core Aria stores it 10 to 25 s after the
+    # call all the same. Looked up at once, the records are not there yet.
+    stack.simulator.configure(late_store_seconds=[10, 25], seed=1)
+    stack.start_worker("w", env={"SYNC_IN_DOUBT_SETTLE_SECONDS": "30"})
+    publish_batches(batch_ids)
+    wait_for(lambda: AggregatedBatch.objects.filter(next_retry_at__isnull=False).count() == 2,
+             timeout=30, what="both calls to time out")
+    assert not UsageRecord.objects.filter(status=RecordStatus.COMPLETE).exists()
+
+    stack.assert_reconciled(timeout=120)
+    # Nothing was sent twice: the lookup came after the settle window and found them all.
+    assert set(billed_per_call(stack).values()) == {1}
+    assert len([c for c in stack.simulator.calls() if c.get("late_store_seconds")]) == 2
+    timeouts = SyncActivity.objects.filter(error_code="TRANSPORT")
+    assert timeouts.count() == 2
+
+
+def test_error_records_without_ids_complete_what_core_aria_holds_and_error_the_rest(stack):
+    stack.ingest(accounts=["ACME-001", "UNKNOWN-1", "ACME-002"], hours=2)
+    batch_ids = stack.aggregate(batch_size=3)
+    # Core Aria refuses UNKNOWN-1's records but does not say which records they were.
+    stack.simulator.configure(anonymous_error_records=True)
+    stack.start_worker("w")
+    publish_batches(batch_ids)
+
+    # ACME's records end COMPLETE, found in core Aria; UNKNOWN-1's ERROR with the call's
+    # code: never COMPLETE by default, and never sent again.
+    stack.assert_reconciled(unknown_accounts=["UNKNOWN-1"])
+    assert set(billed_per_call(stack).values()) == {1}
+    unmapped = SyncActivity.objects.filter(error_message__contains="could not be mapped")
+    assert unmapped.count() == 2

@@ -363,6 +363,29 @@ def test_a_late_answer_times_out_the_client_but_the_records_are_stored(simulator
     assert [r["client_record_id"] for r in simulator.records()] == ["late-1"]
 
 
+def test_a_late_store_stores_the_records_after_the_client_gave_up(simulator):
+    simulator.admin_post("config", {"late_store_seconds": [1, 1]})
+
+    with pytest.raises(requests.Timeout):
+        simulator.call("bulk_record_usage_m", usage_recs=[rec("later-1")], timeout=0.3)
+    # Not stored yet when the client gives up; a lookup now finds nothing.
+    assert simulator.records() == []
+    assert simulator.history(client_record_id="later-1")["usage_history_recs"] == []
+
+    time.sleep(1.2)
+    assert [r["client_record_id"] for r in simulator.records()] == ["later-1"]
+
+
+def test_anonymous_error_records_name_no_record(simulator):
+    simulator.admin_post("config", {"anonymous_error_records": True})
+
+    answer = simulator.bulk([rec("anon-1"), rec("anon-2", account="UNKNOWN-1")])
+
+    assert answer["error_code"] == 1009
+    assert [e["out_client_record_id"] for e in answer["error_records"]] == [None]
+    assert [r["client_record_id"] for r in simulator.records()] == ["anon-1"]
+
+
 def test_latency_delays_every_api_answer(simulator):
     simulator.admin_post("config", {"latency_seconds": [0.3, 0.3]})
     started = time.monotonic()
@@ -526,7 +549,8 @@ def test_bogus_error_records_name_ids_that_were_not_in_the_call(simulator):
 
 def test_bad_fault_knob_values_are_refused(simulator):
     for knobs in ({"flap_fail_calls": -1}, {"malformed_rate": 2}, {"fail_after_store": 1},
-                  {"bogus_error_records": [3]}):
+                  {"bogus_error_records": [3]}, {"anonymous_error_records": "yes"},
+                  {"late_store_seconds": [3, 1]}):
         response = requests.post(f"{simulator.base_url}/_sim/config", json=knobs, timeout=5)
         assert response.status_code == 400, knobs
     assert simulator.admin_get("state")["config"]["flap_fail_calls"] == 0

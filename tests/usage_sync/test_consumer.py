@@ -105,7 +105,7 @@ def test_a_consumer_that_overran_its_poll_interval_rejoins_and_the_message_comes
 class Sleepers(consumer.ConsumerProcesses):
     RESTART_DELAY_SECONDS = 0.2
 
-    def command(self):
+    def command(self, slot):
         return [sys.executable, "-c", "import time; time.sleep(60)"]
 
 

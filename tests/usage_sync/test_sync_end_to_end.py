@@ -152,14 +152,14 @@ def test_a_worker_killed_mid_call_then_restarted_bills_once(pipeline):
     batch_ids = pipeline.aggregate()
     # Aria stores the records, then takes 3 s to answer: the kill lands in between.
     pipeline.simulator.configure(late_answer_seconds=3)
-    worker = pipeline.start_worker("doomed")
+    worker = pipeline.start_worker("w")
     publish_batches(batch_ids)
     wait_for(lambda: pipeline.simulator.records(), timeout=60, what="a call to reach Aria")
     worker.kill()
     assert UsageRecord.objects.filter(status="PENDING", sent_at__isnull=False).exists()
     pipeline.simulator.configure(late_answer_seconds=0)
 
-    pipeline.start_worker("restarted")
+    pipeline.start_worker("w")  # restarted by its supervisor
     pipeline.wait_until_settled(timeout=120)
 
     pipeline.assert_billed_exactly_once()

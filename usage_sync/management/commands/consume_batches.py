@@ -18,8 +18,13 @@ class Command(BaseCommand):
         parser.add_argument(
             "--parent", type=int, help="Stop once the process with this pid is gone (the worker)."
         )
+        parser.add_argument(
+            "--member",
+            help="Join the consumer group as this static member (unique in the group, the "
+            "same across restarts); default: a dynamic member.",
+        )
 
-    def handle(self, *args, parent=None, **options):
+    def handle(self, *args, parent=None, member=None, **options):
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
@@ -28,5 +33,5 @@ class Command(BaseCommand):
             # An orphan (its worker was killed) must not sync on with nobody watching it.
             return stop.is_set() or (parent is not None and os.getppid() != parent)
 
-        handled = consume_batches(should_stop=should_stop)
+        handled = consume_batches(should_stop=should_stop, member=member)
         self.stdout.write(f"consumer {os.getpid()} stopped after {handled} batch ids")

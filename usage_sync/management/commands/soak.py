@@ -39,19 +39,26 @@ class Command(BaseCommand):
             help=f"the database to create and drop (default {soak.DEFAULT_DATABASE_NAME})",
         )
         parser.add_argument(
+            "--restart-worker-at", type=float, metavar="SECONDS",
+            help="stop the Celery worker (SIGTERM) and start it again this many seconds into "
+            "the load; a soak_worker_restart line reports the claims of the next minute",
+        )
+        parser.add_argument(
             "--logs", type=Path, metavar="DIR",
             help="keep the processes' logs (tansu, simulator, worker) in DIR",
         )
         # Internal: the child process run with DATABASE_URL set to the soak database.
         parser.add_argument("--inside", help=argparse.SUPPRESS)
 
-    def handle(self, *args, seconds, rate, database_name, logs=None, inside=None, **options):
+    def handle(self, *args, seconds, rate, database_name, logs=None, inside=None,
+               restart_worker_at=None, **options):
         if seconds <= 0 or rate <= 0:
             raise CommandError("--seconds and --rate must be positive")
         # SIGTERM unwinds like Ctrl-C, so the servers are stopped and the database dropped.
         signal.signal(signal.SIGTERM, benchmarks.raise_system_exit)
         if inside:
-            self._soak(database_name=inside, seconds=seconds, rate=rate, logs=logs)
+            self._soak(database_name=inside, seconds=seconds, rate=rate, logs=logs,
+                       restart_worker_at=restart_worker_at)
             return
         server = benchmarks.server_settings(settings.DATABASES["default"])
         try:
@@ -62,13 +69,15 @@ class Command(BaseCommand):
                 ]
                 if logs:
                     command += ["--logs", str(logs.resolve())]
+                if restart_worker_at is not None:
+                    command += ["--restart-worker-at", str(restart_worker_at)]
                 status = benchmarks.run_child(command, database_url=url)
         except benchmarks.BenchmarkError as exc:
             raise CommandError(str(exc)) from exc
         if status:
             raise CommandError(f"the soak failed (exit status {status}); see above")
 
-    def _soak(self, *, database_name, seconds, rate, logs):
+    def _soak(self, *, database_name, seconds, rate, logs, restart_worker_at):
         if connection.settings_dict["NAME"] != database_name:
             raise CommandError(
                 f"--inside {database_name}: DATABASE_URL does not point at that database"
@@ -76,7 +85,8 @@ class Command(BaseCommand):
         call_command("migrate", verbosity=0, interactive=False)
         try:
             results = soak.soak(
-                database_url=os.environ["DATABASE_URL"], seconds=seconds, rate=rate, logs=logs
+                database_url=os.environ["DATABASE_URL"], seconds=seconds, rate=rate, logs=logs,
+                restart_worker_at=restart_worker_at,
             )
         except benchmarks.BenchmarkError as exc:
             raise CommandError(str(exc)) from exc
