@@ -27,8 +27,8 @@ COPY usage_sync ./usage_sync
 COPY reprocess ./reprocess
 COPY templates ./templates
 
-# Static files (admin, console, API docs) collected into var/static for a reverse proxy
-# to serve.
+# Static files (admin, console, API docs) collected into var/static, compressed and with
+# content-hashed names, for the application to serve (WhiteNoise).
 RUN python manage.py collectstatic --noinput --verbosity 0
 
 # Celery refuses to be comfortable as root, and nothing here needs root. The metrics
