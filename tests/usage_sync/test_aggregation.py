@@ -296,7 +296,7 @@ def test_the_largest_usage_ingest_takes_sums_exactly_and_other_accounts_still_ag
          "usage_date": at(9, n % 60).isoformat()}
         for n in range(200)
     ]
-    # A float would drift here (SQLite stored 123456700000.01994 for this sum).
+    # A float would drift here (123456700000.01994 where floats add it up).
     ordinary = [
         {"event_id": f"acme-{n}", "client_acct_id": "ACME-001", "usage_type_code": "API_CALLS",
          "usage_units": "1234567.000001", "usage_date": at(9, n % 60).isoformat()}
