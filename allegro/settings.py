@@ -120,13 +120,15 @@ STATIC_URL = "static/"
 # does at build); WhiteNoise serves them compressed, with content-hashed names cached
 # forever.
 STATIC_ROOT = env.path("STATIC_ROOT", default=BASE_DIR / "var" / "static")
+# With DEBUG on (development, and the test suite's settings) nothing is collected: files
+# are found in the apps as they are, under their own names.
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if DEBUG else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
 }
-# In production a page naming a static file that was not collected is an error; in
-# development and tests nothing is collected, and the names stay as they are.
-WHITENOISE_MANIFEST_STRICT = not DEBUG
 
 # Ingest accepts lists of up to 10,000 events; a JSON body of that size is a few MB.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=8 * 1024 * 1024)

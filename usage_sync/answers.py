@@ -3,10 +3,11 @@
 The answer has no record index: an error record names its record only through
 `out_client_record_id`. When every error record names a record of the call, the answer is
 mapped: those records are ERROR with their own code and message, the others COMPLETE (or,
-with a top-level error and no error records, the whole call ERROR). When anything cannot be
-mapped (an error record naming an id we did not send, or none, or an item that is not an
-error record at all), nobody can tell which of the unnamed records core Aria refused: they
-are in doubt, never COMPLETE by default (README, "How the sync protects the money").
+when the whole call was refused before any record was looked at, e.g. 1004, all ERROR).
+When anything cannot be mapped (an error record naming an id we did not send, or none, an
+item that is not an error record at all, or another top-level error naming no record),
+nobody can tell which records core Aria stored: those not named are in doubt, never
+COMPLETE by default (README, "How the sync protects the money").
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from .billing import BulkResult
 
 # A record of the call that core Aria reported in error: its code and message.
 Failure = tuple[str, str]
+
+# Top-level codes that refuse the whole call before any record is looked at: API not
+# found, authentication, missing input, unparsable input. Any other top-level error
+# without error records may have come after some records were stored.
+WHOLE_CALL_REFUSED = frozenset({"-1", "1004", "1010", "1012"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +54,12 @@ def map_answer(result: BulkResult, sent: dict[str, int]) -> MappedAnswer:
         else:
             failed.setdefault(record_id, (error.code, error.message))
     if not result.ok and not result.record_errors and not result.malformed_items:
-        # A top-level error without error records (e.g. 1004): the whole call failed.
-        return MappedAnswer({r: (result.error_code, result.error_msg) for r in sent.values()}, [])
+        if result.error_code in WHOLE_CALL_REFUSED:
+            # E.g. 1004: the whole call was refused, nothing of it stored.
+            return MappedAnswer(
+                {r: (result.error_code, result.error_msg) for r in sent.values()}, []
+            )
+        unmapped.append(f"error {result.error_code} for the whole call, naming no record")
     if not unmapped:
         return MappedAnswer(failed, [])
     if result.ok:

@@ -9,6 +9,7 @@ transport failure.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -99,6 +100,12 @@ def _may_have_arrived(exc: requests.RequestException) -> bool:
     return True
 
 
+def _row_key(row: dict) -> str:
+    """Identify a usage history row: its usage record number, or all of it."""
+    number = row.get("usage_rec_no")
+    return f"no:{number}" if number is not None else json.dumps(row, sort_keys=True, default=str)
+
+
 REDACTED = "***"
 # A shorter key (a test's "k") would redact unrelated text.
 MIN_REDACTED_KEY_LENGTH = 4
@@ -172,6 +179,7 @@ class AriaClient:
     ) -> Counter[str]:
         """Count the usage records core Aria holds per client_record_id (2+ = billed twice)."""
         found: Counter[str] = Counter()
+        seen: set[str] = set()
         start, end = date_range
         for client_acct_id, acct_no in accounts:
             if client_acct_id:
@@ -201,11 +209,16 @@ class AriaClient:
                         f"get_usage_history_m answered {code}: "
                         f"{self._from_aria(body.get('error_msg'))}"
                     )
-                rows = body.get("usage_history_recs") or []
-                found.update(str(r["client_record_id"]) for r in rows if r.get("client_record_id"))
-                if len(rows) < HISTORY_PAGE_SIZE:
+                rows = [r for r in body.get("usage_history_recs") or [] if isinstance(r, dict)]
+                new = [r for r in rows if _row_key(r) not in seen]
+                seen.update(_row_key(r) for r in new)
+                found.update(str(r["client_record_id"]) for r in new if r.get("client_record_id"))
+                # Only a page with nothing new ends the history: a short one may be a page
+                # size of core Aria's own, smaller than ours (missing a stored record here
+                # would send it again); a page seen before means the offset was not taken.
+                if not new:
                     break
-                offset += HISTORY_PAGE_SIZE
+                offset += len(rows)
         return found
 
     def _from_aria(self, value) -> str:

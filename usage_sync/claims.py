@@ -39,6 +39,10 @@ class Claim:
     @classmethod
     def take(cls, batch_id: int) -> Claim | None:
         """Claim the batch if it has PENDING records and no live claim; else None."""
+        # Read first: nothing may fail between taking the claim and handing it back.
+        published_at = (
+            AggregatedBatch.objects.filter(id=batch_id).values_list("published_at", flat=True)
+        ).first()
         now = timezone.now()
         token = uuid.uuid4()
         taken = (
@@ -49,9 +53,6 @@ class Claim:
         )
         if not taken:
             return None
-        published_at = (
-            AggregatedBatch.objects.filter(id=batch_id).values_list("published_at", flat=True)
-        ).first()
         if published_at is None:
             return cls(batch_id, token)
         waited = max((now - published_at).total_seconds(), 0.0)
@@ -91,5 +92,6 @@ class Claim:
         if attempts is not None:
             changes["sync_attempts"] = attempts
         if finished:
-            changes["synced_at"] = now
+            # A later failure starts its backoff afresh.
+            changes.update(synced_at=now, sync_attempts=0)
         batch.update(**changes)

@@ -83,6 +83,8 @@ def consume_batches(
     """Sync every batch id read from the topic until told to stop; return how many."""
     consumer = Consumer(consumer_config(member=member))
     consumer.subscribe([settings.KAFKA_AGGREGATED_TOPIC])
+    logger.info("consumer %s subscribed to %s as %s", os.getpid(),
+                settings.KAFKA_AGGREGATED_TOPIC, member or "a dynamic member")
     client = client or AriaClient()
     deadline = time.monotonic() + max_seconds if max_seconds else None
     handled = 0
@@ -101,9 +103,17 @@ def consume_batches(
                              message.offset())
             else:
                 close_old_connections()
-                result = sync_batch(batch_id=decoded.batch_id, client=client)
-                logger.info("batch %s: %s", decoded.batch_id, result.outcome,
-                            extra={"batch_id": decoded.batch_id})
+                try:
+                    result = sync_batch(batch_id=decoded.batch_id, client=client)
+                except Exception:
+                    # sync_batch logged it and gave the batch back for a retry with backoff
+                    # (or its claim goes stale): the sweep sends it again. Restarting the
+                    # consumer would only redeliver it at once, over and over.
+                    logger.exception("batch %s: sync failed; the sweep retries it",
+                                     decoded.batch_id, extra={"batch_id": decoded.batch_id})
+                else:
+                    logger.info("batch %s: %s", decoded.batch_id, result.outcome,
+                                extra={"batch_id": decoded.batch_id})
                 handled += 1
             # After the database transaction, never before.
             _commit(consumer, message)

@@ -33,7 +33,7 @@ _RECOUNT_SQL = """
     SET total_count = c.total, pending_count = c.pending, completed_count = c.completed,
         error_count = c.errors, ignored_count = c.ignored,
         status = CASE
-            WHEN b.status = 'IN_PROCESS' AND NOT %(release)s THEN b.status
+            WHEN b.status = 'IN_PROCESS' AND NOT %(release)s AND c.pending > 0 THEN b.status
             WHEN c.pending > 0 THEN 'PENDING'
             WHEN c.errors > 0 THEN 'ERROR'
             ELSE 'COMPLETE' END,
@@ -72,7 +72,8 @@ class BatchQuerySet(models.QuerySet):
         own: every writer of records holds its batch's row lock, so the count sees all of
         them and none can change it before commit. Two writers can then never leave
         pending_count at 0 while a record is PENDING. A batch keeps IN_PROCESS (its claim)
-        unless `release`.
+        unless `release`, and only while it has PENDING records: one with none left would
+        never be claimed, swept or reprocessed again, should its sync die before releasing.
         """
         with transaction.atomic():
             ids = list(self.order_by("id").select_for_update().values_list("id", flat=True))

@@ -180,10 +180,10 @@ def _send_pending(claim: Claim, client: AriaClient, reconciled: int) -> SyncResu
         .values_list(*USAGE_REC_FIELDS, named=True)
     )
     receipt = f"AUB{batch_id}-{batch.sync_attempts + 1}-{int(sent_at.timestamp())}"
+    usage_recs = [usage_rec(r) for r in records]
     try:
-        result = client.bulk_record_usage(
-            usage_recs=[usage_rec(r) for r in records], client_receipt_id=receipt
-        )
+        _check_still_in_time(sent_at, client)
+        result = client.bulk_record_usage(usage_recs=usage_recs, client_receipt_id=receipt)
     except AriaTransportError as exc:
         if not exc.delivered:
             # Nothing reached core Aria: these records are not in doubt.
@@ -206,6 +206,21 @@ def _send_pending(claim: Claim, client: AriaClient, reconciled: int) -> SyncResu
         reconciled=reconciled,
         detail=f"{len(answer.unmapped)} items could not be mapped" if answer.in_doubt else "",
     )
+
+
+def _check_still_in_time(sent_at: datetime, client: AriaClient) -> None:
+    """Refuse to send records marked sent longer ago than one call may take.
+
+    The settle window counts from `sent_at`. A process paused between marking and sending
+    (a frozen VM, a stop-the-world pause) might otherwise send records that another worker
+    has meanwhile settled, found missing and sent again.
+    """
+    late = timezone.now() - sent_at
+    if late > timedelta(seconds=client.timeout):
+        raise AriaTransportError(
+            f"bulk_record_usage_m not sent: {late.total_seconds():.0f} s passed since the "
+            "records were marked sent", delivered=False,
+        )
 
 
 def _store_outcome(claim: Claim, answer: MappedAnswer, *, sent_at: datetime,

@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import gzip
 import json
+import logging
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import BinaryIO
 
-from django.db import reset_queries, transaction
+from django.db import OperationalError, reset_queries, transaction
 
 from .ingest import (
     KNOWN_FIELDS,
@@ -33,7 +34,11 @@ from .ingest import (
     validate_event,
 )
 
+logger = logging.getLogger(__name__)
+
 FORMATS = ("csv", "jsonl")
+# How many times an import that deadlocked with a concurrent ingest runs again.
+DEADLOCK_ATTEMPTS = 3
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _GZIP_MAGIC = b"\x1f\x8b"
 # An event is a few kilobytes at most (comments ≤ 4000 characters); a longer line is an
@@ -272,6 +277,23 @@ def import_usage_file(
     was checked), UsageFileConflict if lines reuse stored event_ids with other content;
     either way nothing of the file is stored.
     """
+    attempt = 1
+    while True:
+        try:
+            return _import(usage_file, chunk_size=chunk_size, progress=progress)
+        except OperationalError as exc:
+            # Each chunk goes in event_id order, but a file spans many chunks: another
+            # import or API call storing some of the same ids in another order can
+            # deadlock with it. PostgreSQL rolls one back; it can simply run again.
+            deadlock = getattr(exc.__cause__, "sqlstate", None) == "40P01"
+            if not deadlock or attempt == DEADLOCK_ATTEMPTS:
+                raise
+            attempt += 1
+            logger.warning("the import deadlocked with another ingest of the same event "
+                           "ids; importing again (attempt %d)", attempt)
+
+
+def _import(usage_file: UsageFile, *, chunk_size: int, progress: Progress | None) -> ImportResult:
     started = time.monotonic()
     events = created = duplicates = 0
     chunk: list[ValidEvent] = []

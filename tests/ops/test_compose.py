@@ -20,7 +20,8 @@ SERVICES = COMPOSE["services"]
 APP_SERVICES = ["migrate", "web", "worker", "beat", "flower"]
 # Read by the settings but deliberately not passed on: it runs Celery tasks inline, which
 # only tests want.
-NOT_FOR_PRODUCTION = {"CELERY_TASK_ALWAYS_EAGER"}
+# Tests only; and where the image collected its static files at build (fixed in the image).
+NOT_FOR_PRODUCTION = {"CELERY_TASK_ALWAYS_EAGER", "STATIC_ROOT"}
 
 
 def test_it_runs_the_whole_stack():

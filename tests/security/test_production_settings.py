@@ -5,8 +5,10 @@ settings.py reads the environment once."""
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,12 +22,25 @@ SECURITY_VARIABLES = (
 )
 
 
+# Production pages name content-hashed static files, so the files must be collected first,
+# as the image does at build.
+STATIC_ROOT = Path(tempfile.mkdtemp(prefix="allegro-static-"))
+
+
 def production_env(**overrides: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in SECURITY_VARIABLES}
     env.update(DEBUG="false", SECRET_KEY=secrets.token_urlsafe(64), ALLOWED_HOSTS=HOST,
-               DJANGO_SETTINGS_MODULE="allegro.settings")
+               DJANGO_SETTINGS_MODULE="allegro.settings", STATIC_ROOT=str(STATIC_ROOT))
     env.update(overrides)
     return env
+
+
+@pytest.fixture(scope="module", autouse=True)
+def collected_static():
+    result = run(["manage.py", "collectstatic", "--noinput", "-v0"], production_env())
+    assert result.returncode == 0, result.stderr
+    yield
+    shutil.rmtree(STATIC_ROOT, ignore_errors=True)
 
 
 def run(args: list[str], env: dict) -> subprocess.CompletedProcess:

@@ -124,3 +124,16 @@ def test_a_recount_waits_for_a_writer_holding_the_batch_and_counts_what_it_wrote
     assert (batch.pending_count, batch.completed_count, batch.status) == (
         1, 1, BatchStatus.PENDING
     )
+
+
+def test_a_claimed_batch_left_without_pending_records_is_not_kept_in_process():
+    # The sync settled the last records in doubt, then died before releasing the batch:
+    # kept IN_PROCESS with nothing PENDING, nothing would ever claim, sweep or reprocess it.
+    batch = make_batch(pending=1)
+    claim = Claim.take(batch.id)
+    UsageRecord.objects.filter(batch=batch).update(status=RecordStatus.COMPLETE)
+    with claim.fenced():
+        AggregatedBatch.objects.filter(pk=batch.id).recount()
+
+    batch.refresh_from_db()
+    assert (batch.status, batch.pending_count) == (BatchStatus.COMPLETE, 0)

@@ -382,3 +382,71 @@ def test_the_auth_key_never_reaches_the_activity_log_or_the_logs(client, batch, 
     assert "s3cret-key" not in repr(client)
     for entry in SyncActivity.objects.all():
         assert "s3cret-key" not in json.dumps(entry.details) + entry.error_message
+
+
+def test_the_history_is_read_until_an_empty_page_not_a_short_one(client, batch):
+    with responses.RequestsMock() as aria:
+        aria.post(URL, body=requests.Timeout("read timed out"))
+        sync_batch(batch_id=batch.id, client=client)
+    settle(batch)
+    held = list(batch.records.values_list("client_record_id", flat=True))
+    # Core Aria pages by 2 rows here, fewer than we ask for: the third record is on page 2.
+    pages = {0: ["OTHER-1", held[0]], 2: [held[1], held[2]], 4: []}
+    asked = []
+
+    def paged_history(request):
+        body = json.loads(request.body)
+        asked.append((body["rest_call"], body["offset"]))
+        return 200, {}, json.dumps(history(*pages[body["offset"]]))
+
+    with responses.RequestsMock() as aria:
+        aria.add_callback(responses.POST, URL, callback=paged_history)
+        result = sync_batch(batch_id=batch.id, client=client)
+
+    assert (result.reconciled, result.sent) == (3, 0)
+    # One account after the other, each to its empty page.
+    assert asked == [("get_usage_history_m", offset) for offset in (0, 2, 4)] * 3
+
+
+@responses.activate
+def test_a_top_level_error_naming_no_record_leaves_the_call_in_doubt_unless_it_refused_it_all(
+    client, batch
+):
+    responses.post(URL, json={"error_code": 1001, "error_msg": "unexpected error"})
+
+    result = sync_batch(batch_id=batch.id, client=client)
+
+    # Core Aria may have stored some records before it failed: not ERROR (a reprocess
+    # would bill those twice), in doubt until the lookup says.
+    assert result.outcome == Outcome.WAITING
+    assert set(UsageRecord.objects.values_list("status", "sync_error_code")) == {
+        ("PENDING", "1001")
+    }
+
+
+def test_records_marked_sent_too_long_ago_are_not_sent(batch):
+    # A process paused between marking and sending: by the time it wakes, another worker
+    # may have settled the records and sent them again. (A timeout this short stands for
+    # a pause longer than any call.)
+    paused = AriaClient(url=URL, client_no=77, auth_key="k", timeout=1e-9)
+
+    with responses.RequestsMock() as aria:
+        result = sync_batch(batch_id=batch.id, client=paused)
+        assert len(aria.calls) == 0
+
+    assert result.outcome == Outcome.RETRY and "not sent" in result.detail
+    assert not UsageRecord.objects.filter(sent_at__isnull=False).exists()
+
+
+@responses.activate
+def test_a_sync_that_finishes_starts_the_backoff_afresh_next_time(client, batch):
+    responses.post(URL, body=requests.ConnectionError("refused"))
+    sync_batch(batch_id=batch.id, client=client)
+    settle(batch)
+    responses.replace(responses.POST, URL, json=history(), match=only("get_usage_history_m"))
+    responses.post(URL, json=ok(), match=only("bulk_record_usage_m"))
+    AggregatedBatch.objects.filter(pk=batch.id).update(next_retry_at=None)
+
+    assert sync_batch(batch_id=batch.id, client=client).outcome == Outcome.SYNCED
+    batch.refresh_from_db()
+    assert (batch.status, batch.sync_attempts) == (BatchStatus.COMPLETE, 0)

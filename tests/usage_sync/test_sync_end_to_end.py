@@ -102,9 +102,8 @@ def test_known_accounts_complete_and_unknown_accounts_error_with_arias_code(pipe
 def test_a_worker_stops_cleanly_on_sigterm_with_its_consumers_running(pipeline):
     worker = pipeline.start_worker("w")
     log = pipeline.tmp_path / "worker-w.log"
-    wait_for(lambda: "2 sync consumers (topic" in log.read_text(), timeout=30,
-             what="the consumers to start")
-    time.sleep(2)
+    wait_for(lambda: log.read_text().count(" subscribed to ") == 2, timeout=30,
+             what="the consumers to subscribe")
     started = time.monotonic()
 
     worker.stop()
