@@ -1,9 +1,10 @@
-"""Settings for Allegro Usage Sync, read from the environment (SPEC §6).
+"""Settings for Allegro Usage Sync, read from the environment (README, Configuration).
 
 Every value has a default that lets a fresh checkout run (`make run`); production sets
 them in the environment. A malformed value fails loudly at start.
 """
 
+import importlib.util
 from pathlib import Path
 
 import environ
@@ -59,6 +60,10 @@ INSTALLED_APPS = [
     "usage_sync",
     "reprocess",
 ]
+# Development tooling (the simulator, benchmarks, soak, demo data): in a checkout, not in
+# the production image.
+if importlib.util.find_spec("devtools"):
+    INSTALLED_APPS.append("devtools")
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
@@ -159,6 +164,7 @@ SPECTACULAR_SETTINGS = {
         "BatchStatusEnum": "usage_sync.models.BatchStatus",
         "RecordStatusEnum": "usage_sync.models.RecordStatus",
         "ActivityStatusEnum": "usage_sync.models.SyncActivity.Status",
+        "ActivityActionEnum": "usage_sync.models.SyncActivity.Action",
     },
     # The schema and its docs pages need a login, like every other API endpoint.
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],

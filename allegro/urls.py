@@ -12,7 +12,7 @@ from drf_spectacular.views import (
 )
 
 from allegro import health
-from usage_sync.exporter import metrics_view
+from allegro.metrics import metrics_view
 
 urlpatterns = [
     path("admin/", admin.site.urls),

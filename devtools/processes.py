@@ -1,8 +1,9 @@
-"""Child processes for the dev stack and the test runner: start, wait until ready, relay
-their output, and stop them in reverse order with whatever they started themselves."""
+"""Child processes for the dev stack, the benchmarks and the tests: start, wait until ready,
+relay their output, and stop them with whatever they started themselves."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -42,13 +43,6 @@ class Child:
     stop_signal: int = signal.SIGTERM
 
 
-@dataclasses.dataclass
-class Running:
-    child: Child
-    process: subprocess.Popen
-    output: threading.Thread
-
-
 def say(name: str, line: str) -> None:
     """Print one line with the name of the process it came from."""
     with _print_lock:
@@ -62,6 +56,99 @@ def print_block(lines: list[str]) -> None:
         print("\n".join(lines), flush=True)
 
 
+class ChildProcess:
+    """A command in a process group of its own: the one way the dev stack, the benchmarks
+    and the tests run a server or a worker.
+
+    Its output goes to `log` (appended), to `relay(line)` line by line, or to ours. stop()
+    sends `stop_signal` to the leader alone, so a Celery worker or gunicorn can stop its
+    own children in order (a warm shutdown), then SIGKILL to whatever is left of the group.
+    """
+
+    def __init__(self, argv: list[str], *, env: dict | None = None, log: Path | None = None,
+                 relay: Callable[[str], None] | None = None, user: str | None = None,
+                 stop_signal: int = signal.SIGTERM, name: str = ""):
+        self.argv = argv
+        self.env = {**os.environ, **(env or {})}
+        self.log, self.relay, self.user = log, relay, user
+        self.stop_signal = stop_signal
+        self.name = name or Path(argv[0]).name
+        self.popen: subprocess.Popen | None = None
+        self._relaying: threading.Thread | None = None
+
+    def start(self) -> ChildProcess:
+        with (open(self.log, "ab") if self.log else contextlib.nullcontext()) as out:
+            self.popen = subprocess.Popen(
+                self.argv, cwd=BASE_DIR, env=self.env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if self.relay else out,
+                stderr=subprocess.STDOUT if self.relay or self.log else None,
+                text=bool(self.relay), errors="replace" if self.relay else None,
+                process_group=0, user=self.user,
+            )
+        if self.relay:
+            self._relaying = threading.Thread(target=self._relay, daemon=True)
+            self._relaying.start()
+        return self
+
+    def _relay(self) -> None:
+        for line in self.popen.stdout:
+            self.relay(line)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.popen.pid, signum)
+        except ProcessLookupError:
+            pass  # the whole group is gone already
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        """Signal the whole group (a worker, its pool and its consumers) and wait for it."""
+        if self.running:
+            self.signal_group(signum)
+            self.popen.wait(10)
+
+    def suspend(self) -> None:
+        """Freeze the whole group (SIGSTOP); resume() thaws it."""
+        self.signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.signal_group(signal.SIGCONT)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+        """Stop it cleanly if it will, then kill what is left of its group."""
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            self.resume()  # a frozen process cannot handle its stop signal
+            self.popen.send_signal(self.stop_signal)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                say("devstack", f"{self.name} did not stop in {timeout:.0f}s; killing it")
+        self.signal_group(signal.SIGKILL)
+        self.popen.wait()
+        if self._relaying:
+            self._relaying.join(timeout=2)  # the last lines it wrote reach the terminal
+
+    def restart(self) -> ChildProcess:
+        self.stop()
+        return self.start()
+
+
 class Stack:
     """The children started so far, stopped in reverse order of starting.
 
@@ -69,7 +156,7 @@ class Stack:
     """
 
     def __init__(self, output: Callable[[str, str], None] = say):
-        self.running: list[Running] = []
+        self.running: list[tuple[Child, ChildProcess]] = []
         self.output = output
 
     def start(self, child: Child) -> None:
@@ -77,42 +164,31 @@ class Stack:
         # Its own process group: Ctrl-C reaches only the supervisor, which then stops the
         # children in order; killpg can then also reach a child's children. The child
         # inherits os.environ, which the supervisor completed first (REDIS_URL, …).
-        process = subprocess.Popen(
-            child.argv,
-            cwd=BASE_DIR,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            process_group=0,
-            user=child.user,
-        )
-        output = threading.Thread(
-            target=_relay, args=(child.name, process, self.output), daemon=True
-        )
-        output.start()
-        self.running.append(Running(child, process, output))
+        process = ChildProcess(
+            child.argv, relay=lambda line: self.output(child.name, line), user=child.user,
+            stop_signal=child.stop_signal, name=child.name,
+        ).start()
+        self.running.append((child, process))
         say("devstack", f"started {child.name} (pid {process.pid})")
         if child.is_ready:
-            self._wait_ready(self.running[-1])
+            self._wait_ready(child)
 
-    def _wait_ready(self, running: Running) -> None:
+    def _wait_ready(self, child: Child) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        while not running.child.is_ready():
+        while not child.is_ready():
             self.check_alive()
             if time.monotonic() > deadline:
                 raise ChildFailed(
-                    f"{running.child.name} did not become ready in {READY_TIMEOUT_SECONDS:.0f}s"
+                    f"{child.name} did not become ready in {READY_TIMEOUT_SECONDS:.0f}s"
                 )
             time.sleep(0.2)
 
     def check_alive(self) -> None:
         """Raise ChildFailed naming the first child that has exited."""
-        for running in self.running:
-            code = running.process.poll()
+        for child, process in self.running:
+            code = process.poll()
             if code is not None:
-                raise ChildFailed(f"{running.child.name} {_describe_exit(code)} unexpectedly")
+                raise ChildFailed(f"{child.name} {_describe_exit(code)} unexpectedly")
 
     def watch(self, every_tick: Callable[[], None] = lambda: None) -> NoReturn:
         """Block until a child exits (a signal interrupts this with an exception)."""
@@ -124,45 +200,16 @@ class Stack:
     def stop_all(self) -> None:
         """Stop every child, newest first: its stop signal, then SIGKILL to its group."""
         while self.running:
-            running = self.running.pop()
-            _stop(running)
-            # Let the last lines the child wrote reach the terminal.
-            running.output.join(timeout=2)
+            child, process = self.running.pop()
+            if process.running:
+                say("devstack", f"stopping {child.name}")
+            process.stop()
 
 
 def _describe_exit(code: int) -> str:
     if code < 0:
         return f"was killed by {signal.Signals(-code).name}"
     return f"exited with code {code}"
-
-
-def _relay(name: str, process: subprocess.Popen, output: Callable[[str, str], None]) -> None:
-    for line in process.stdout:
-        output(name, line)
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass  # The whole group is already gone.
-
-
-def _stop(running: Running) -> None:
-    process, name = running.process, running.child.name
-    if process.poll() is None:
-        say("devstack", f"stopping {name}")
-        # The signal to the child alone, not its group: it then stops its own processes in
-        # order (Celery's warm shutdown lets pool processes finish their task, where a
-        # SIGTERM to the whole group would kill them mid-task).
-        process.send_signal(running.child.stop_signal)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            say("devstack", f"{name} did not stop in {STOP_TIMEOUT_SECONDS:.0f}s; killing it")
-    # SIGKILL to the group: the child if it is stuck, and whatever it left behind.
-    _signal_group(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 def free_port() -> int:

@@ -1,6 +1,5 @@
-"""REST API of review and reprocess (SPEC §5): small views over filters.py and reprocess.py."""
+"""REST API of review and reprocess: small views over filters.py and reprocess.py."""
 
-from django.db.models import Count, Min
 from django.utils.text import get_text_list
 from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
@@ -15,7 +14,7 @@ from usage_sync.models import AggregatedBatch, SyncActivity, UsageRecord
 
 from .filters import ActivityFilter, BatchFilter, RecordFilter
 from .models import ReprocessLevel, ReprocessRun
-from .reprocess import REPROCESSABLE, ReprocessError, reprocess_run_create
+from .reprocess import REPROCESSABLE, ReprocessError, error_summary, reprocess_run_create
 
 ERROR_STATUS = {"invalid": 400, "not_found": 404, "conflict": 409}
 
@@ -114,23 +113,6 @@ class ErrorSummaryApi(APIView):
     def get(self, request, batch_id: int):
         batch = _batch(batch_id)
         return Response(self.SummaryRowSerializer(error_summary(batch), many=True).data)
-
-
-def error_summary(batch: AggregatedBatch) -> list[dict]:
-    """Rows of (status, error code) with a message and a count: one GROUP BY query."""
-    rows = (
-        UsageRecord.objects.filter(batch=batch, status__in=REPROCESSABLE)
-        .order_by()
-        .values("status", "sync_error_code")
-        # Messages of one code may differ in detail; the group is (status, code).
-        .annotate(error_message=Min("sync_error_message"), count=Count("id"))
-        .order_by("status", "sync_error_code")
-    )
-    return [
-        {"error_code": r["sync_error_code"], "error_message": r["error_message"],
-         "status": r["status"], "count": r["count"]}
-        for r in rows
-    ]
 
 
 class RecordSerializer(serializers.ModelSerializer):

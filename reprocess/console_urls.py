@@ -1,4 +1,4 @@
-"""Operator console URLs (SPEC §4), served at the site root."""
+"""Operator console URLs, served at the site root."""
 
 from django.urls import path
 

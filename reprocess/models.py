@@ -8,7 +8,7 @@ from usage_sync.models import AggregatedBatch, RecordStatus, UsageRecord
 
 
 class ReprocessLevel(models.TextChoices):
-    """The three reprocess buttons of the console (seed: "Supported levels")."""
+    """The three levels a reprocess runs at: all, one batch, one error-summary line."""
 
     ALL = "ALL", "All"
     BATCH = "BATCH", "Batch"

@@ -1,4 +1,5 @@
-"""Queue failed and stuck aggregated records for another sync (SPEC §1.6, §3).
+"""Queue failed and stuck aggregated records for another sync (three levels: all, a batch,
+one error-summary line of a batch).
 
 A reprocess never sends anything itself: it moves ERROR records back to PENDING, leaves
 stale PENDING records as they are (sync_batch reconciles those in doubt with core Aria
@@ -17,10 +18,10 @@ from __future__ import annotations
 import logging
 
 from django.db import connection, transaction
-from django.db.models import Exists, OuterRef, Q, Value
+from django.db.models import Count, Exists, Min, OuterRef, Q, Value
 from django.utils import timezone
 
-from usage_sync import metrics, publishing
+from usage_sync import publishing
 from usage_sync.models import (
     AggregatedBatch,
     RecordStatus,
@@ -28,6 +29,7 @@ from usage_sync.models import (
     UsageRecord,
 )
 
+from . import metrics
 from .models import ReprocessLevel, ReprocessRun, ReprocessRunRecord
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,24 @@ def reprocess_run_create(
     return run
 
 
+def error_summary(batch: AggregatedBatch) -> list[dict]:
+    """A batch's reprocessable records by (status, error code), with a message and a count:
+    the lines the console and the API offer to reprocess. One GROUP BY query."""
+    rows = (
+        UsageRecord.objects.filter(batch=batch, status__in=REPROCESSABLE)
+        .order_by()
+        .values("status", "sync_error_code")
+        # Messages of one code may differ in detail; the group is (status, code).
+        .annotate(error_message=Min("sync_error_message"), count=Count("id"))
+        .order_by("status", "sync_error_code")
+    )
+    return [
+        {"error_code": r["sync_error_code"], "error_message": r["error_message"],
+         "status": r["status"], "count": r["count"]}
+        for r in rows
+    ]
+
+
 def _valid_level(level: str) -> str:
     if level not in ReprocessLevel.values:
         raise ReprocessError(
@@ -138,7 +158,7 @@ def _validate_scope(run: ReprocessRun) -> None:
 def _candidate_batches(run: ReprocessRun):
     if run.level == ReprocessLevel.ALL:
         # The maintained counters, served by batch_incomplete_idx.
-        return AggregatedBatch.objects.filter(Q(pending_count__gt=0) | Q(error_count__gt=0))
+        return AggregatedBatch.objects.incomplete()
     return AggregatedBatch.objects.filter(pk=run.batch_id)
 
 
@@ -236,7 +256,7 @@ def _recount(batch_ids: list[int], *, now) -> None:
 
 def _log_activity(run: ReprocessRun, batch_ids: list[int]) -> None:
     SyncActivity.objects.create(
-        action_name="REPROCESS",
+        action_name=SyncActivity.Action.REPROCESS,
         object_name=run.object_name,
         status=SyncActivity.Status.COMPLETE,
         batch_id=run.batch_id,

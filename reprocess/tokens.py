@@ -18,7 +18,7 @@ from rest_framework.authtoken.models import Token
 
 from usage_sync.models import SyncActivity
 
-from .views import ConsoleMixin
+from .console import ConsoleMixin
 
 PREFIX_LENGTH = 6
 
@@ -36,7 +36,7 @@ def api_token_create(*, user: AbstractBaseUser, actor: str) -> Token:
         replaced = Token.objects.filter(user=user).values_list("key", flat=True).first()
         Token.objects.filter(user=user).delete()
         token = Token.objects.create(user=user)
-        _log(user=user, actor=actor, action="API_TOKEN_CREATE", details={
+        _log(user=user, actor=actor, action=SyncActivity.Action.API_TOKEN_CREATE, details={
             "prefix": token_prefix(token.key),
             "replaced": token_prefix(replaced) if replaced else None,
         })
@@ -53,7 +53,8 @@ def api_token_revoke(*, user: AbstractBaseUser, actor: str) -> str | None:
             return None
         Token.objects.filter(key=key).delete()
         prefix = token_prefix(key)
-        _log(user=user, actor=actor, action="API_TOKEN_REVOKE", details={"prefix": prefix})
+        _log(user=user, actor=actor, action=SyncActivity.Action.API_TOKEN_REVOKE,
+             details={"prefix": prefix})
     return prefix
 
 

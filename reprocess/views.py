@@ -1,16 +1,13 @@
-"""Operator console (SPEC §4): server-rendered pages over filters.py, tables.py and reprocess.py."""
+"""Operator console: server-rendered pages over filters.py, tables.py and reprocess.py."""
 
 import csv
-from datetime import timedelta
 
 from django import forms
 from django.contrib import messages
-from django.contrib.auth.mixins import LoginRequiredMixin, PermissionRequiredMixin
+from django.contrib.auth.mixins import PermissionRequiredMixin
 from django.core.exceptions import PermissionDenied
-from django.core.paginator import EmptyPage
 from django.db import transaction
 from django.db.models import Count, Max, Q, Sum
-from django.db.models.functions import TruncDate
 from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -21,7 +18,6 @@ from django.views.generic import TemplateView
 from django.views.generic.edit import FormView
 from django_filters.views import FilterView
 from django_tables2 import SingleTableMixin, SingleTableView
-from django_tables2.paginators import LazyPaginator
 
 from usage_sync.models import (
     AggregatedBatch,
@@ -32,43 +28,14 @@ from usage_sync.models import (
     UsageRecord,
 )
 
-from .api import error_summary
+from .charts import sync_outcome_chart
+from .console import REPROCESS_PERM, BoundedLazyPaginator, ConsoleMixin
 from .filters import ActivityFilter, BatchFilter, RecordFilter, day_range
 from .models import ReprocessLevel, ReprocessRun
-from .reprocess import ReprocessError, reprocess_run_create
+from .reprocess import ReprocessError, error_summary, reprocess_run_create
 from .tables import AccountTable, ActivityTable, BatchTable, RecordTable
 
-REPROCESS_PERM = "reprocess.reprocess_usage"
-
-
-class BoundedLazyPaginator(LazyPaginator):
-    """LazyPaginator (no COUNT(*)), answering a page number past any real page with 404
-    instead of an OFFSET too large for PostgreSQL's bigint (a 500)."""
-
-    MAX_PAGE = 10**12
-
-    def validate_number(self, number):
-        number = super().validate_number(number)
-        if number > self.MAX_PAGE:
-            raise EmptyPage("That page contains no results")
-        return number
-
-
-class ConsoleMixin(LoginRequiredMixin):
-    """Every console page needs a login; `section` picks the navigation pane."""
-
-    section = "usage"
-    nav = ""
-
-    def get_context_data(self, **kwargs):
-        return super().get_context_data(section=self.section, nav=self.nav, **kwargs)
-
-
 # --- overview ----------------------------------------------------------------------------
-
-CHART_DAYS = 14
-CHART_STATUSES = [s.value for s in SyncActivity.Status]
-
 
 class OverviewView(ConsoleMixin, TemplateView):
     """Batches and records by status, and the last two weeks of sync outcomes."""
@@ -89,50 +56,10 @@ class OverviewView(ConsoleMixin, TemplateView):
         return super().get_context_data(
             batch_counts=[(s.value, batches.get(s.value, 0)) for s in BatchStatus],
             record_counts={k: v or 0 for k, v in records.items()},
-            incomplete_batches=AggregatedBatch.objects.filter(
-                Q(pending_count__gt=0) | Q(error_count__gt=0)
-            ).count(),
+            incomplete_batches=AggregatedBatch.objects.incomplete().count(),
             chart=sync_outcome_chart(),
             **kwargs,
         )
-
-
-def sync_outcome_chart() -> dict:
-    """Lay out a stacked bar per day of BULK_RECORD_USAGE entries by status (one GROUP BY)."""
-    today = timezone.localdate()
-    first = today - timedelta(days=CHART_DAYS - 1)
-    rows = (
-        SyncActivity.objects.filter(
-            action_name="BULK_RECORD_USAGE",
-            created_at__gte=timezone.now() - timedelta(days=CHART_DAYS),
-        )
-        .annotate(day=TruncDate("created_at"))
-        .order_by()
-        .values_list("day", "status")
-        .annotate(n=Count("id"))
-    )
-    counts = {(day, status): n for day, status, n in rows}
-    days = [first + timedelta(days=i) for i in range(CHART_DAYS)]
-    peak = max([sum(counts.get((d, s), 0) for s in CHART_STATUSES) for d in days] + [1])
-    height, bar_width, gap, top = 160, 36, 12, 10
-    bars = []
-    for i, day in enumerate(days):
-        x = 40 + i * (bar_width + gap)
-        y = top + height
-        segments = []
-        for status in CHART_STATUSES:
-            n = counts.get((day, status), 0)
-            if n:
-                h = n * height / peak
-                y -= h
-                segments.append({"status": status.lower(), "n": n, "y": round(y, 1),
-                                 "h": round(h, 1)})
-        bars.append({"x": x, "label": day.strftime("%m-%d"), "segments": segments,
-                     "total": sum(s["n"] for s in segments)})
-    return {"bars": bars, "peak": peak, "width": 40 + CHART_DAYS * (bar_width + gap),
-            "height": height + top + 30, "base": top + height, "bar_width": bar_width,
-            "statuses": [s.lower() for s in CHART_STATUSES], "top": top,
-            "empty": not counts}
 
 
 # --- incomplete batches and their summary -------------------------------------------------
@@ -157,7 +84,7 @@ class BatchListView(ConsoleMixin, SingleTableMixin, FilterView):
     paginate_by = 25
     nav = "batches"
     # Served by batch_incomplete_idx.
-    queryset = AggregatedBatch.objects.filter(Q(pending_count__gt=0) | Q(error_count__gt=0))
+    queryset = AggregatedBatch.objects.incomplete()
 
     def get_context_data(self, **kwargs):
         run = None
@@ -386,7 +313,7 @@ class ConfigView(ConsoleMixin, FormView):
             config.save()
             if changes:
                 SyncActivity.objects.create(
-                    action_name="CONFIG_CHANGE",
+                    action_name=SyncActivity.Action.CONFIG_CHANGE,
                     object_name="Aggregate usage configuration",
                     status=SyncActivity.Status.COMPLETE,
                     actor=self.request.user.get_username(),

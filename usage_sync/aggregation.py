@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
+from . import publishing
 from .models import AggregatedBatch, AggregationConfig, SyncActivity, UsageEvent, UsageRecord
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,22 @@ def aggregate_usage(
     return result
 
 
+def aggregate_and_publish(
+    *, now: datetime | None = None, actor: str, on_step: Callable[[str], None] | None = None
+) -> AggregationResult:
+    """Aggregate, then put the new batch ids on the topic once the run has committed.
+
+    A failed publish loses nothing: the batches wait in the database (published_at empty)
+    and the sweep publishes them.
+    """
+    result = aggregate_usage(now=now, actor=actor, on_step=on_step)
+    try:
+        publishing.publish_batches(result.batch_ids)
+    except Exception:
+        logger.exception("publishing %d batches failed; the sweep will retry", result.batches)
+    return result
+
+
 def _ignore_step(step: str) -> None:
     return None
 
@@ -158,7 +175,7 @@ def _aggregate_once(
     )
     if staged_records:
         SyncActivity.objects.create(
-            action_name="AGGREGATE",
+            action_name=SyncActivity.Action.AGGREGATE,
             object_name="aggregated usage",
             status=SyncActivity.Status.COMPLETE,
             record_count=staged_records,

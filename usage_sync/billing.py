@@ -14,7 +14,9 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import requests
 import urllib3
@@ -25,6 +27,8 @@ from . import metrics
 logger = logging.getLogger(__name__)
 
 HISTORY_PAGE_SIZE = 1000
+# How many times one history page is asked for before the lookup fails.
+HISTORY_ATTEMPTS = 3
 ACCOUNT_NOT_FOUND = "1009"
 
 
@@ -169,15 +173,22 @@ class AriaClient:
 
     # API: get_usage_history_m, filtered by account and date range, paged by limit/offset.
     def stored_client_record_ids(
-        self, *, accounts: Iterable[tuple[str, int | None]], date_range: tuple[str, str]
+        self, *, accounts: Iterable[tuple[str, int | None]], date_range: tuple[str, str],
+        before_call: Callable[[], None] | None = None,
     ) -> set[str]:
         """Return the client_record_ids core Aria holds for these accounts in the range."""
-        return set(self.stored_client_record_id_counts(accounts=accounts, date_range=date_range))
+        return set(self.stored_client_record_id_counts(
+            accounts=accounts, date_range=date_range, before_call=before_call
+        ))
 
     def stored_client_record_id_counts(
-        self, *, accounts: Iterable[tuple[str, int | None]], date_range: tuple[str, str]
+        self, *, accounts: Iterable[tuple[str, int | None]], date_range: tuple[str, str],
+        before_call: Callable[[], None] | None = None,
     ) -> Counter[str]:
-        """Count the usage records core Aria holds per client_record_id (2+ = billed twice)."""
+        """Count the usage records core Aria holds per client_record_id (2+ = billed twice).
+
+        `before_call` runs before each call (the sync renews its claim there).
+        """
         found: Counter[str] = Counter()
         seen: set[str] = set()
         start, end = date_range
@@ -188,27 +199,13 @@ class AriaClient:
                 account = {"acct_no": acct_no}
             offset = 0
             while True:
-                body = self._call(
-                    "get_usage_history_m",
-                    {
-                        **account,
-                        "date_range_start": start,
-                        "date_range_end": end,
-                        "limit": HISTORY_PAGE_SIZE,
-                        "offset": offset,
-                    },
-                    client_receipt_id="",
-                    record_count=0,
+                body = self._read_history(
+                    {**account, "date_range_start": start, "date_range_end": end,
+                     "limit": HISTORY_PAGE_SIZE, "offset": offset},
+                    before_call=before_call,
                 )
-                code = body["error_code"]
-                if code == ACCOUNT_NOT_FOUND:
+                if body is None:
                     break  # an account Aria does not know holds no usage
-                if code != "0":
-                    # Not a transport failure, but the records stay in doubt all the same.
-                    raise AriaTransportError(
-                        f"get_usage_history_m answered {code}: "
-                        f"{self._from_aria(body.get('error_msg'))}"
-                    )
                 rows = [r for r in body.get("usage_history_recs") or [] if isinstance(r, dict)]
                 new = [r for r in rows if _row_key(r) not in seen]
                 seen.update(_row_key(r) for r in new)
@@ -220,6 +217,34 @@ class AriaClient:
                     break
                 offset += len(rows)
         return found
+
+    def _read_history(self, params: dict, *, before_call) -> dict | None:
+        """One page of get_usage_history_m (None: the account is unknown to Aria).
+
+        A read changes nothing in core Aria, so a failed one is simply asked again, a few
+        times, before the lookup as a whole fails.
+        """
+        attempt = 1
+        while True:
+            if before_call:
+                before_call()
+            try:
+                body = self._call("get_usage_history_m", params, client_receipt_id="",
+                                  record_count=0)
+                break
+            except AriaTransportError:
+                if attempt == HISTORY_ATTEMPTS:
+                    raise
+                attempt += 1
+        code = body["error_code"]
+        if code == ACCOUNT_NOT_FOUND:
+            return None
+        if code != "0":
+            # Not a transport failure, but the records stay in doubt all the same.
+            raise AriaTransportError(
+                f"get_usage_history_m answered {code}: {self._from_aria(body.get('error_msg'))}"
+            )
+        return body
 
     def _from_aria(self, value) -> str:
         """Return text of Aria's answer fit to store, log and show: never our auth_key,
@@ -287,3 +312,51 @@ class AriaClient:
             shown = self._from_aria(repr(body["error_code"]))[:40]
             raise AriaTransportError(f"{rest_call}: its error_code {shown} is not an integer")
         return {**body, "error_code": code}
+
+
+# --- bulk_record_usage_m's usage_recs[] elements -------------------------------------------
+
+ARIA_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+USAGE_REC_FIELDS = (
+    "id", "client_record_id", "client_acct_id", "acct_no", "usage_type_code", "usage_type",
+    "usage_units", "usage_date", "amount", "rate",
+    "qualifier_1", "qualifier_2", "qualifier_3", "qualifier_4",
+)
+
+
+def usage_rec(record) -> dict:
+    """Build one `usage_recs[]` element of bulk_record_usage_m from a record (or a row
+    with the USAGE_REC_FIELDS attributes)."""
+    rec: dict = {"client_record_id": record.client_record_id}
+    if record.client_acct_id:
+        rec["client_acct_id"] = record.client_acct_id
+    else:
+        rec["acct_no"] = record.acct_no
+    if record.usage_type_code:
+        rec["usage_type_code"] = record.usage_type_code
+    else:
+        rec["usage_type"] = record.usage_type
+    rec["usage_units"] = _number(record.usage_units)
+    rec["usage_date"] = aria_date(record.usage_date)
+    if record.amount is not None:
+        rec["amt"] = _number(record.amount)
+    elif record.rate is not None:
+        rec["rate"] = _number(record.rate)
+    for n in range(1, 5):
+        if value := getattr(record, f"qualifier_{n}"):
+            rec[f"qualifier_{n}"] = value
+    return rec
+
+
+def _number(value: Decimal):
+    """Return a JSON number that is exactly the decimal, or its text when a float can't be."""
+    value = value.normalize()
+    as_float = float(value)
+    return as_float if Decimal(repr(as_float)) == value else str(value)
+
+
+def aria_date(moment: datetime) -> str:
+    """Core Aria's date format (yyyy-mm-dd hh24:mi:ss), in UTC."""
+    return moment.astimezone(UTC).strftime(ARIA_DATE_FORMAT)

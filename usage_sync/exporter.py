@@ -1,48 +1,31 @@
-"""What /metrics serves: the pipeline's counters plus values read at scrape time.
-
-Counters and histograms (usage_sync/metrics.py) are updated where the work happens. With
-PROMETHEUS_MULTIPROC_DIR set, every process (web, worker pool children, beat) writes
-them to files in that directory and this view sums the files, so one scrape of any web
-process reports the whole service. Without it (a single process) they come from this
-process's default registry.
+"""The pipeline's values read at scrape time (allegro/metrics.py serves them).
 
 Values that live elsewhere are read when Prometheus asks, so any process answers the
 same and nothing goes stale:
 - the database, by a few aggregate queries (database_families states their cost);
 - the broker: the sync consumer group's committed offset against the high watermark of
   each partition of the batch-id topic.
-A source that cannot be read gives `allegro_collector_up{collector="kafka"} 0` (or
-"database"), never a failed scrape.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-import os
 import time
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, TopicPartition
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import connection
 from django.db.models import Count, Min, Q, Sum
-from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
-from django.views.decorators.http import require_GET
-from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.multiprocess import MultiProcessCollector
 
-from reprocess.models import ReprocessLevel, ReprocessRun
-
-from .models import AggregatedBatch, BatchStatus, RecordStatus, UsageEvent
+from .models import INCOMPLETE, AggregatedBatch, BatchStatus, RecordStatus, UsageEvent
 
 logger = logging.getLogger(__name__)
 
 
 def database_families() -> list:
-    """Counts read from the database at scrape time, in three cheap queries.
+    """The pipeline's counts read from the database at scrape time, in cheap queries.
 
     Cost (the database may hold millions of records):
     1. One pass over the batch table (not the record table): records by status are the
@@ -55,8 +38,11 @@ def database_families() -> list:
        holds only events not yet aggregated (few, between two aggregation runs). Stored
        events: PostgreSQL's own row estimate (pg_class.reltuples, kept fresh by
        autovacuum), not a COUNT(*) over millions of rows.
-    3. Reprocess runs by level: one row per operator request, a small table.
     """
+    return [*_batch_families(), *_event_families()]
+
+
+def _batch_families() -> list:
     records = GaugeMetricFamily(
         "allegro_usage_records",
         "Aggregated usage records by sync status (INCOMPLETE ones count as ERROR).",
@@ -80,7 +66,7 @@ def database_families() -> list:
         .values("status")
         .annotate(
             batches=Count("id"),
-            incomplete=Count("id", filter=Q(pending_count__gt=0) | Q(error_count__gt=0)),
+            incomplete=Count("id", filter=INCOMPLETE),
             pending=Sum("pending_count"),
             complete=Sum("completed_count"),
             error=Sum("error_count"),
@@ -118,7 +104,10 @@ def database_families() -> list:
         incomplete.add_metric([status], n)
     age = (timezone.now() - oldest_pending).total_seconds() if oldest_pending else 0
     oldest.add_metric([], max(age, 0))
+    return [records, batches, incomplete, oldest]
 
+
+def _event_families() -> list:
     unaggregated = GaugeMetricFamily(
         "allegro_usage_events_unaggregated",
         "Raw usage events not yet aggregated into a record.",
@@ -129,28 +118,7 @@ def database_families() -> list:
         "Raw usage events stored (on PostgreSQL the planner's row estimate).",
     )
     stored.add_metric([], _stored_events())
-
-    runs = GaugeMetricFamily(
-        "allegro_reprocess_runs_recorded",
-        "Reprocess runs recorded in the database, by level.",
-        labels=["level"],
-    )
-    queued = GaugeMetricFamily(
-        "allegro_reprocess_records_selected",
-        "Records queued again by the recorded reprocess runs, by level.",
-        labels=["level"],
-    )
-    counts = {
-        row["level"]: row
-        for row in ReprocessRun.objects.order_by()
-        .values("level")
-        .annotate(runs=Count("id"), records=Sum("records_selected"))
-    }
-    for level in ReprocessLevel.values:
-        row = counts.get(level, {})
-        runs.add_metric([level], row.get("runs", 0))
-        queued.add_metric([level], row.get("records") or 0)
-    return [records, batches, incomplete, oldest, unaggregated, stored, runs, queued]
+    return [unaggregated, stored]
 
 
 def _stored_events() -> int:
@@ -247,70 +215,3 @@ def partition_offsets(*, timeout: float) -> dict[int, tuple[int, int, int]]:
         return result
     finally:
         consumer.close()
-
-
-class ScrapeTimeCollector:
-    """Reads the database and the broker at scrape time; a source that cannot be read
-    gives `allegro_collector_up{collector=…} 0` and the rest of the scrape still works."""
-
-    def collect(self):
-        up = GaugeMetricFamily(
-            "allegro_collector_up",
-            "1 if the scrape-time collector could read its source (database, kafka), else 0.",
-            labels=["collector"],
-        )
-        duration = GaugeMetricFamily(
-            "allegro_collector_duration_seconds",
-            "Time the scrape-time collector took to read its source.",
-            labels=["collector"],
-        )
-        sources = [
-            ("database", database_families, DatabaseError),
-            ("kafka", kafka_lag_families, KafkaException),
-        ]
-        for name, read, failure in sources:
-            started = time.monotonic()
-            try:
-                yield from read()
-            except failure as exc:
-                logger.warning(
-                    "metrics: %s could not be read: %s", name, exc, extra={"collector": name}
-                )
-                up.add_metric([name], 0)
-            else:
-                up.add_metric([name], 1)
-            duration.add_metric([name], time.monotonic() - started)
-        yield up
-        yield duration
-
-
-class _ThisProcess:
-    """The default registry of this process (single-process mode)."""
-
-    def collect(self):
-        yield from REGISTRY.collect()
-
-
-def build_registry() -> CollectorRegistry:
-    """Return a registry with every metric /metrics serves, for one scrape."""
-    registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        MultiProcessCollector(registry)
-    else:
-        registry.register(_ThisProcess())
-    registry.register(ScrapeTimeCollector())
-    return registry
-
-
-@require_GET
-def metrics_view(request: HttpRequest) -> HttpResponse:
-    """Serve the metrics in the Prometheus text format (Bearer METRICS_TOKEN if set)."""
-    token = settings.METRICS_TOKEN
-    if token:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            response = HttpResponse("metrics need a bearer token\n", status=401,
-                                    content_type="text/plain")
-            response["WWW-Authenticate"] = 'Bearer realm="metrics"'
-            return response
-    return HttpResponse(generate_latest(build_registry()), content_type=CONTENT_TYPE_LATEST)

@@ -2,7 +2,7 @@
 
 The API and the file import share this module: one validator, one way to store.
 Validation is hand-written rather than a DRF serializer per item because ingest is the
-hot path (tens of thousands of events a second); the rules are those of SPEC §5.
+hot path (tens of thousands of events a second); the rules are the README's (REST API).
 """
 
 from __future__ import annotations
@@ -16,60 +16,15 @@ from decimal import Decimal, InvalidOperation
 from django.db import connection, transaction
 
 from . import metrics
+from .events import COLUMNS, FIELDS, ValidEvent
 from .models import UsageEvent
 
 MAX_EVENTS_PER_REQUEST = 10_000
 
-_STRING_LIMITS = {
-    "event_id": 100,
-    "client_acct_id": 50,
-    "usage_type_code": 30,
-    "qualifier_1": 300,
-    "qualifier_2": 300,
-    "qualifier_3": 300,
-    "qualifier_4": 300,
-    "comments": 4000,
-}
+_STRING_LIMITS = {f.name: f.max_length for f in FIELDS if f.kind == "text"}
 # (max digits, decimal places) of the columns the decimals go into.
-_DECIMAL_SHAPES = {"usage_units": (20, 6), "amount": (18, 2), "rate": (18, 5)}
-KNOWN_FIELDS = frozenset(
-    {"event_id", "acct_no", "usage_type", "usage_date", *_STRING_LIMITS, *_DECIMAL_SHAPES}
-)
-# Column order used when storing; matches ValidEvent's fields.
-COLUMNS = (
-    "event_id",
-    "client_acct_id",
-    "acct_no",
-    "usage_type_code",
-    "usage_type",
-    "usage_units",
-    "usage_date",
-    "amount",
-    "rate",
-    "qualifier_1",
-    "qualifier_2",
-    "qualifier_3",
-    "qualifier_4",
-    "comments",
-)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ValidEvent:
-    event_id: str
-    client_acct_id: str
-    acct_no: int | None
-    usage_type_code: str
-    usage_type: int | None
-    usage_units: Decimal
-    usage_date: datetime
-    amount: Decimal | None
-    rate: Decimal | None
-    qualifier_1: str
-    qualifier_2: str
-    qualifier_3: str
-    qualifier_4: str
-    comments: str
+_DECIMAL_SHAPES = {f.name: (f.digits, f.places) for f in FIELDS if f.kind == "decimal"}
+KNOWN_FIELDS = frozenset(COLUMNS)
 
 
 # attrgetter, not dataclasses.astuple: astuple deep-copies every value (a third of the cost).
@@ -318,22 +273,7 @@ def _differing(first: ValidEvent, other: ValidEvent) -> tuple[str, ...]:
     return tuple(f for f in CONTENT if getattr(first, f) != getattr(other, f))
 
 
-_PG_TYPES = (
-    "varchar[]",
-    "varchar[]",
-    "bigint[]",
-    "varchar[]",
-    "bigint[]",
-    "numeric[]",
-    "timestamptz[]",
-    "numeric[]",
-    "numeric[]",
-    "varchar[]",
-    "varchar[]",
-    "varchar[]",
-    "varchar[]",
-    "text[]",
-)
+_PG_TYPES = tuple(f"{f.pg_type}[]" for f in FIELDS)
 
 
 def _arrays(events: list[ValidEvent]) -> tuple[str, list]:

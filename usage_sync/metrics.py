@@ -1,9 +1,10 @@
 """Prometheus instruments the sync pipeline updates as it works.
 
 Counters and histograms live here and are updated where the work happens (the core Aria
-client, sync, ingest, reprocess). Values read from the database or the broker at scrape
-time (records by status, incomplete batches, consumer lag) are collected by the /metrics
-view instead (usage_sync/exporter.py), so they are right whichever process asks.
+client, sync, ingest). Values read from the database or the broker at scrape time
+(records by status, incomplete batches, consumer lag) are collected by the /metrics view
+instead (allegro/metrics.py, from usage_sync/exporter.py), so they are right whichever
+process asks.
 
 With PROMETHEUS_MULTIPROC_DIR set (production, `make run`), prometheus_client writes each
 process's values to files there and /metrics sums them: web, worker and beat processes
@@ -71,11 +72,6 @@ PUBLISH_TO_CLAIM = Histogram(
     "allegro_batch_publish_to_claim_seconds",
     "Time from a batch id's last publish to a sync worker claiming the batch.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
-)
-REPROCESS_RUNS = Counter(
-    "allegro_reprocess_runs_total",
-    "Reprocess runs started, by level (all, batch, error).",
-    ["level"],
 )
 
 

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 
 class RecordStatus(models.TextChoices):
-    """Sync status of an aggregated usage record (SPEC §2)."""
+    """Sync status of an aggregated usage record."""
 
     PENDING = "PENDING", "Pending"
     COMPLETE = "COMPLETE", "Complete"
@@ -28,28 +28,33 @@ class BatchStatus(models.TextChoices):
     COMPLETE = "COMPLETE", "Complete"
 
 
-_RECOUNT_SQL = """
+# A batch's counters as its records say they should be, per batch (the one home of that
+# rule: the recount writes it, reconcile_usage checks it). INCOMPLETE should not occur; if
+# it does, it needs an operator like an error.
+RECORD_COUNTS_SQL = """
+    SELECT b.id AS batch_id, COUNT(r.id) AS total,
+           COUNT(r.id) FILTER (WHERE r.status = 'PENDING') AS pending,
+           COUNT(r.id) FILTER (WHERE r.status = 'COMPLETE') AS completed,
+           COUNT(r.id) FILTER (WHERE r.status IN ('ERROR', 'INCOMPLETE')) AS errors,
+           COUNT(r.id) FILTER (WHERE r.status = 'IGNORED') AS ignored
+    FROM usage_sync_aggregatedbatch b
+    LEFT JOIN usage_sync_usagerecord r ON r.batch_id = b.id
+    WHERE {where}
+    GROUP BY b.id
+"""
+# The status those counts give a batch that no sync holds.
+STATUS_FROM_COUNTS_SQL = (
+    "CASE WHEN c.pending > 0 THEN 'PENDING' WHEN c.errors > 0 THEN 'ERROR' ELSE 'COMPLETE' END"
+)
+_RECOUNT_SQL = f"""
     UPDATE usage_sync_aggregatedbatch b
     SET total_count = c.total, pending_count = c.pending, completed_count = c.completed,
         error_count = c.errors, ignored_count = c.ignored,
         status = CASE
             WHEN b.status = 'IN_PROCESS' AND NOT %(release)s AND c.pending > 0 THEN b.status
-            WHEN c.pending > 0 THEN 'PENDING'
-            WHEN c.errors > 0 THEN 'ERROR'
-            ELSE 'COMPLETE' END,
+            ELSE {STATUS_FROM_COUNTS_SQL} END,
         updated_at = now()
-    FROM (
-        SELECT b2.id AS batch_id, COUNT(r.id) AS total,
-               COUNT(r.id) FILTER (WHERE r.status = 'PENDING') AS pending,
-               COUNT(r.id) FILTER (WHERE r.status = 'COMPLETE') AS completed,
-               -- INCOMPLETE should not occur; if it does, it needs an operator like an error.
-               COUNT(r.id) FILTER (WHERE r.status IN ('ERROR', 'INCOMPLETE')) AS errors,
-               COUNT(r.id) FILTER (WHERE r.status = 'IGNORED') AS ignored
-        FROM usage_sync_aggregatedbatch b2
-        LEFT JOIN usage_sync_usagerecord r ON r.batch_id = b2.id
-        WHERE b2.id = ANY(%(ids)s)
-        GROUP BY b2.id
-    ) c
+    FROM ({RECORD_COUNTS_SQL.format(where="b.id = ANY(%(ids)s)")}) c
     WHERE b.id = c.batch_id
 """
 
@@ -323,13 +328,21 @@ class AggregationConfig(models.Model):
 class SyncActivity(models.Model):
     """One entry of the activity log: a sync call, an aggregation run, a reprocess."""
 
+    class Action(models.TextChoices):
+        AGGREGATE = "AGGREGATE", "Aggregate"
+        BULK_RECORD_USAGE = "BULK_RECORD_USAGE", "Bulk record usage"
+        REPROCESS = "REPROCESS", "Reprocess"
+        CONFIG_CHANGE = "CONFIG_CHANGE", "Configuration change"
+        API_TOKEN_CREATE = "API_TOKEN_CREATE", "API token created"
+        API_TOKEN_REVOKE = "API_TOKEN_REVOKE", "API token revoked"
+
     class Status(models.TextChoices):
         STARTED = "STARTED", "Started"
         COMPLETE = "COMPLETE", "Complete"
         ERROR = "ERROR", "Error"
         PARTIAL = "PARTIAL", "Partial"
 
-    action_name = models.CharField(max_length=50)
+    action_name = models.CharField(max_length=50, choices=Action.choices)
     object_name = models.CharField(max_length=100)
     status = models.CharField(max_length=16, choices=Status.choices)
     batch = models.ForeignKey(

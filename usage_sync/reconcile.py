@@ -33,9 +33,15 @@ from datetime import datetime
 from django.db import connection, transaction
 
 from .aggregation import window_boundary
-from .billing import AriaClient, AriaTransportError
-from .models import AggregatedBatch, AggregationConfig, UsageEvent, UsageRecord
-from .sync import aria_date
+from .billing import AriaClient, AriaTransportError, aria_date
+from .models import (
+    RECORD_COUNTS_SQL,
+    STATUS_FROM_COUNTS_SQL,
+    AggregatedBatch,
+    AggregationConfig,
+    UsageEvent,
+    UsageRecord,
+)
 
 PROBLEM_LIMIT = 1000
 _ARIA = "reconcile_aria_rows"
@@ -237,31 +243,19 @@ def _check_unaggregated(cursor, scope: _Scope, report: ReconcileReport) -> None:
 
 def _check_batches(cursor, scope: _Scope, report: ReconcileReport) -> None:
     """A batch's counters are its records' counts by status; its status follows from them."""
-    counts = f"""
-        SELECT batch_id, COUNT(*) AS total,
-               SUM(CASE WHEN status = 'PENDING' THEN 1 ELSE 0 END) AS pending,
-               SUM(CASE WHEN status = 'COMPLETE' THEN 1 ELSE 0 END) AS completed,
-               SUM(CASE WHEN status IN ('ERROR', 'INCOMPLETE') THEN 1 ELSE 0 END) AS error,
-               SUM(CASE WHEN status = 'IGNORED' THEN 1 ELSE 0 END) AS ignored
-        FROM {_RECORD} GROUP BY batch_id
-    """
-    derived = (
-        "CASE WHEN COALESCE(c.pending, 0) > 0 THEN 'PENDING' "
-        "WHEN COALESCE(c.error, 0) > 0 THEN 'ERROR' ELSE 'COMPLETE' END"
-    )
+    # The recount's own rule (models.RECORD_COUNTS_SQL), checked against what is stored.
+    counts = RECORD_COUNTS_SQL.format(where=scope.on("b.window_start"))
     sql = f"""
         SELECT b.id, b.status, b.total_count, b.pending_count, b.completed_count,
-               b.error_count, b.ignored_count, COALESCE(c.total, 0), COALESCE(c.pending, 0),
-               COALESCE(c.completed, 0), COALESCE(c.error, 0), COALESCE(c.ignored, 0),
-               {derived}
-        FROM {_BATCH} b LEFT JOIN ({counts}) c ON c.batch_id = b.id
-        WHERE {scope.on('b.window_start')}
-          AND (COALESCE(c.total, 0) = 0
-               OR b.total_count <> c.total OR b.pending_count <> c.pending
-               OR b.completed_count <> c.completed OR b.error_count <> c.error
-               OR b.ignored_count <> c.ignored
-               OR (b.status <> {derived}
-                   AND NOT (b.status = 'IN_PROCESS' AND c.pending > 0)))
+               b.error_count, b.ignored_count, c.total, c.pending, c.completed, c.errors,
+               c.ignored, {STATUS_FROM_COUNTS_SQL}
+        FROM {_BATCH} b JOIN ({counts}) c ON c.batch_id = b.id
+        WHERE c.total = 0
+           OR b.total_count <> c.total OR b.pending_count <> c.pending
+           OR b.completed_count <> c.completed OR b.error_count <> c.errors
+           OR b.ignored_count <> c.ignored
+           OR (b.status <> {STATUS_FROM_COUNTS_SQL}
+               AND NOT (b.status = 'IN_PROCESS' AND c.pending > 0))
     """
 
     def line(batch_id, status, *numbers):

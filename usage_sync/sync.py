@@ -18,8 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -28,14 +27,11 @@ from django.utils import timezone
 
 from . import metrics
 from .answers import MappedAnswer, map_answer
-from .billing import AriaClient, AriaTransportError
+from .billing import USAGE_REC_FIELDS, AriaClient, AriaTransportError, aria_date, usage_rec
 from .claims import Claim, ClaimLost
 from .models import AggregatedBatch, RecordStatus, SyncActivity, UsageRecord
 
 logger = logging.getLogger(__name__)
-
-ARIA_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
-
 
 class Outcome(enum.StrEnum):
     SYNCED = "synced"
@@ -128,9 +124,8 @@ def _reconcile_in_doubt(claim: Claim, client: AriaClient) -> int:
     # timeouts), every lookup that got through is kept and the next attempt asks only for
     # the accounts left. All-or-nothing, a batch of several accounts could retry forever.
     for client_acct_id, acct_no in sorted(accounts, key=lambda a: (a[0], a[1] or 0)):
-        claim.renew()
         stored = client.stored_client_record_ids(
-            accounts=[(client_acct_id, acct_no)], date_range=date_range
+            accounts=[(client_acct_id, acct_no)], date_range=date_range, before_call=claim.renew
         )
         account_in_doubt = in_doubt.filter(client_acct_id=client_acct_id, acct_no=acct_no)
         now = timezone.now()
@@ -282,7 +277,7 @@ def _log_call(claim: Claim, client: AriaClient, *, sent: int, completed: int, er
                   else SyncActivity.Status.PARTIAL)
         code, message = ("", "") if error[0] == "0" else error
     SyncActivity.objects.create(
-        action_name="BULK_RECORD_USAGE",
+        action_name=SyncActivity.Action.BULK_RECORD_USAGE,
         object_name=f"Batch {batch_id}",
         batch_id=batch_id,
         status=status,
@@ -337,7 +332,7 @@ def _release_for_retry(claim: Claim, reason: str, client: AriaClient, *, error_c
             claim.release(retry_at=retry_at, attempts=attempt)
             call = client.last_call
             SyncActivity.objects.create(
-                action_name="BULK_RECORD_USAGE",
+                action_name=SyncActivity.Action.BULK_RECORD_USAGE,
                 object_name=f"Batch {claim.batch_id}",
                 batch_id=claim.batch_id,
                 status=SyncActivity.Status.ERROR,
@@ -367,46 +362,3 @@ def _release_for_retry(claim: Claim, reason: str, client: AriaClient, *, error_c
                "client_receipt_id": call.client_receipt_id if call else "",
                "duration_ms": call.duration_ms if call else None},
     )
-
-
-USAGE_REC_FIELDS = (
-    "id", "client_record_id", "client_acct_id", "acct_no", "usage_type_code", "usage_type",
-    "usage_units", "usage_date", "amount", "rate",
-    "qualifier_1", "qualifier_2", "qualifier_3", "qualifier_4",
-)
-
-
-def usage_rec(record) -> dict:
-    """Build one `usage_recs[]` element of bulk_record_usage_m from a record (or a row
-    with the USAGE_REC_FIELDS attributes)."""
-    rec: dict = {"client_record_id": record.client_record_id}
-    if record.client_acct_id:
-        rec["client_acct_id"] = record.client_acct_id
-    else:
-        rec["acct_no"] = record.acct_no
-    if record.usage_type_code:
-        rec["usage_type_code"] = record.usage_type_code
-    else:
-        rec["usage_type"] = record.usage_type
-    rec["usage_units"] = _number(record.usage_units)
-    rec["usage_date"] = aria_date(record.usage_date)
-    if record.amount is not None:
-        rec["amt"] = _number(record.amount)
-    elif record.rate is not None:
-        rec["rate"] = _number(record.rate)
-    for n in range(1, 5):
-        if value := getattr(record, f"qualifier_{n}"):
-            rec[f"qualifier_{n}"] = value
-    return rec
-
-
-def _number(value: Decimal):
-    """Return a JSON number that is exactly the decimal, or its text when a float can't be."""
-    value = value.normalize()
-    as_float = float(value)
-    return as_float if Decimal(repr(as_float)) == value else str(value)
-
-
-def aria_date(moment: datetime) -> str:
-    """Core Aria's date format (yyyy-mm-dd hh24:mi:ss), in UTC."""
-    return moment.astimezone(UTC).strftime(ARIA_DATE_FORMAT)

@@ -6,7 +6,7 @@ from celery import shared_task
 from django.utils import timezone
 
 from . import publishing
-from .aggregation import aggregate_usage
+from .aggregation import aggregate_and_publish
 from .models import AggregationConfig
 
 logger = logging.getLogger(__name__)
@@ -17,16 +17,7 @@ def aggregate_usage_if_due() -> None:
     """Run aggregation when the configured frequency says a run is due (beat ticks often)."""
     now = timezone.now()
     if AggregationConfig.load().is_due(now):
-        result = aggregate_usage(now=now)
-        # aggregate_usage has committed: publish now; the sweep covers a failure here.
-        publish_batch_ids(result.batch_ids)
-
-
-def publish_batch_ids(batch_ids: list[int]) -> None:
-    try:
-        publishing.publish_batches(batch_ids)
-    except Exception:
-        logger.exception("publishing %d batches failed; the sweep will retry", len(batch_ids))
+        aggregate_and_publish(now=now, actor="scheduler")
 
 
 @shared_task(ignore_result=True)

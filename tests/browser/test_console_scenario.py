@@ -1,11 +1,10 @@
-"""The operator's path through the console in a real browser (SPEC §4)."""
+"""The operator's path through the console in a real browser."""
 
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.factories import UserFactory
-from tests.reprocess.factories import grant_reprocess, make_batch
+from tests.factories import UserFactory, grant_reprocess, make_batch
 from usage_sync.models import AggregatedBatch, RecordStatus, UsageRecord
 
 LINES = "table.table-inner > tbody > tr"  # the summary's lines, not the outer table's rows

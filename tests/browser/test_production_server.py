@@ -12,9 +12,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.factories import UserFactory
-from tests.reprocess.factories import grant_reprocess, make_batch
-from tests.services import ROOT, Process, free_port, wait_for
+from devtools.processes import ChildProcess
+from tests.factories import UserFactory, grant_reprocess, make_batch
+from tests.services import ROOT, free_port, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 
@@ -39,7 +39,7 @@ def production_server(tmp_path):
     subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v0"],
                    cwd=ROOT, env={**os.environ, **env}, check=True)
     port = free_port()
-    server = Process(
+    server = ChildProcess(
         [sys.executable, "-m", "gunicorn", "--config=python:allegro.gunicorn_conf",
          "allegro.wsgi:application", f"--bind=127.0.0.1:{port}", "--workers=2"],
         env=env, log=tmp_path / "gunicorn.log",

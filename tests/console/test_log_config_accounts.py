@@ -8,8 +8,7 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from tests.factories import UserFactory
-from tests.reprocess.factories import make_batch
+from tests.factories import UserFactory, make_batch
 from usage_sync.models import AggregationConfig, SyncActivity
 
 pytestmark = pytest.mark.django_db

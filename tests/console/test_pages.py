@@ -9,8 +9,7 @@ from django.test import Client
 from django.urls import reverse
 
 from reprocess.models import ReprocessRun
-from tests.factories import UserFactory
-from tests.reprocess.factories import grant_reprocess, make_batch
+from tests.factories import UserFactory, grant_reprocess, make_batch
 from usage_sync.models import RecordStatus, UsageRecord
 
 pytestmark = pytest.mark.django_db

@@ -6,6 +6,7 @@ import re
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from reprocess import metrics as reprocess_metrics
 from tests.services import ROOT
 from usage_sync import metrics
 from usage_sync.publishing import ensure_topic
@@ -44,7 +45,7 @@ def every_series(kafka, settings):
     run, and a topic with a committed offset."""
     metrics.observe_call("bulk_record_usage_m", 0.1, "0")
     metrics.RECORD_OUTCOMES.labels("COMPLETE", "0").inc()
-    metrics.REPROCESS_RUNS.labels("BATCH").inc()
+    reprocess_metrics.REPROCESS_RUNS.labels("BATCH").inc()
     ensure_topic(partitions=1, timeout=10)
     producer = Producer({"bootstrap.servers": kafka.bootstrap})
     producer.produce(settings.KAFKA_AGGREGATED_TOPIC, value=b"1")

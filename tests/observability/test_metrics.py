@@ -213,12 +213,12 @@ def test_an_unreadable_database_reports_down_and_the_scrape_still_answers(
 ):
     from django.db import OperationalError
 
-    from usage_sync import exporter
+    from allegro import metrics as served
 
     def database_down():
         raise OperationalError("connection to server at 127.0.0.1 failed: Connection refused")
 
-    monkeypatch.setattr(exporter, "database_families", database_down)
+    monkeypatch.setattr(served, "database_families", database_down)
 
     metrics = scrape()
 

@@ -176,3 +176,10 @@ def test_the_image_copies_every_directory_the_application_needs():
     for directory in ("allegro", "usage_sync", "reprocess", "templates"):
         assert (ROOT / directory).is_dir()
         assert f"COPY {directory} ./{directory}" in dockerfile
+
+
+def test_the_image_leaves_the_development_tooling_out():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = re.findall(r"^COPY (\S+)", dockerfile, flags=re.MULTILINE)
+    assert "devtools" not in " ".join(copied)
+    assert "devtools" in (ROOT / ".dockerignore").read_text().split()

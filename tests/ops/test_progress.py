@@ -17,10 +17,9 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from allegro.progress import progress
+from devtools.benchmarks import database_exists, server_settings
 from reprocess.models import ReprocessRun
-from tests.factories import UsageEventFactory
-from tests.reprocess.factories import make_batch
-from usage_sync.benchmarks import database_exists, server_settings
+from tests.factories import UsageEventFactory, make_batch
 from usage_sync.models import RecordStatus, UsageRecord
 
 NOW = datetime(2026, 11, 21, 0, 10, tzinfo=UTC)
@@ -79,7 +78,7 @@ def test_the_helper_draws_a_bar_on_a_terminal_without_being_forced():
 
 
 @pytest.mark.django_db
-def test_aggregate_usage_prints_one_summary_line_and_no_bar_off_a_terminal(capsys):
+def test_aggregate_usage_prints_one_summary_line_and_no_bar_off_a_terminal(capsys, published):
     for minute in (0, 20):
         UsageEventFactory(client_acct_id="A", usage_date=NOW - timedelta(hours=2, minutes=minute))
 
@@ -94,7 +93,7 @@ def test_aggregate_usage_prints_one_summary_line_and_no_bar_off_a_terminal(capsy
 
 
 @pytest.mark.django_db
-def test_aggregate_usage_moves_its_bar_once_per_step_on_a_terminal(monkeypatch):
+def test_aggregate_usage_moves_its_bar_once_per_step_on_a_terminal(monkeypatch, published):
     terminal = make_stderr_a_terminal(monkeypatch)
     UsageEventFactory(client_acct_id="A", usage_date=NOW - timedelta(hours=2))
 
@@ -108,7 +107,7 @@ def test_aggregate_usage_moves_its_bar_once_per_step_on_a_terminal(monkeypatch):
 
 
 @pytest.mark.django_db
-def test_aggregate_usage_fills_its_bar_when_there_is_nothing_to_aggregate(monkeypatch):
+def test_aggregate_usage_fills_its_bar_when_there_is_nothing_to_aggregate(monkeypatch, published):
     terminal = make_stderr_a_terminal(monkeypatch)
     output = command("aggregate_usage", "--until", NOW.isoformat())
 

@@ -6,7 +6,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from reprocess.models import ReprocessRun
-from tests.reprocess.factories import grant_reprocess, make_batch
+from tests.factories import grant_reprocess, make_batch
 from usage_sync.models import AggregatedBatch, SyncActivity, UsageRecord
 
 pytestmark = pytest.mark.django_db

@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from reprocess.models import ReprocessLevel, ReprocessRun, ReprocessRunRecord
 from reprocess.reprocess import ReprocessError, reprocess_run_create
-from tests.reprocess.factories import make_batch
+from tests.factories import make_batch
 from usage_sync.models import AggregatedBatch, BatchStatus, RecordStatus, SyncActivity, UsageRecord
 
 pytestmark = pytest.mark.django_db

@@ -6,7 +6,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from reprocess.models import ReprocessRun
-from tests.reprocess.factories import make_batch
+from tests.factories import make_batch
 from usage_sync.models import UsageRecord
 
 pytestmark = pytest.mark.django_db

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 import redis
 
-from tests.reprocess.factories import grant_reprocess
+from tests.factories import grant_reprocess
 from tests.services import SyncStack, redis_db_url
 from usage_sync.aggregation import aggregate_usage
 from usage_sync.ingest import store_events, validate_events

@@ -7,8 +7,7 @@ from django.test import Client
 from django.urls import reverse
 
 from reprocess.models import ReprocessRun
-from tests.factories import UserFactory
-from tests.reprocess.factories import make_batch
+from tests.factories import UserFactory, make_batch
 from tests.security.endpoints import (
     POST_NEEDS_PERMISSION,
     POST_WITHOUT_REPROCESS_PERMISSION,

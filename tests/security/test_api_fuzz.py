@@ -12,7 +12,7 @@ from django.core.wsgi import get_wsgi_application
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from tests.reprocess.factories import make_batch
+from tests.factories import make_batch
 
 MAX_EXAMPLES = 25
 # Every operation of the schema; test_the_schema_has_exactly_these_operations fails when an

@@ -5,8 +5,7 @@ import json
 import pytest
 from django.conf import settings as django_settings
 
-from tests.factories import event_payload
-from tests.reprocess.factories import make_batch
+from tests.factories import event_payload, make_batch
 from usage_sync.ingest import MAX_EVENTS_PER_REQUEST
 from usage_sync.models import UsageEvent
 

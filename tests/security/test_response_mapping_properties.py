@@ -16,7 +16,7 @@ import responses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.reprocess.factories import make_batch
+from tests.factories import make_batch
 from usage_sync.billing import AriaClient
 from usage_sync.models import BatchStatus, RecordStatus, SyncActivity, UsageRecord
 from usage_sync.sync import Outcome, sync_batch

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.db import connection, connections
 from django.utils import timezone
 
-from tests.reprocess.factories import make_batch
+from tests.factories import make_batch
 from usage_sync.billing import AriaClient
 from usage_sync.claims import Claim, ClaimLost
 from usage_sync.models import AggregatedBatch, BatchStatus, RecordStatus, SyncActivity, UsageRecord

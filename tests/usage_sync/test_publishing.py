@@ -1,11 +1,13 @@
 """Publishing batch ids to a real broker, and the sweep that finds what is due."""
 
+import io
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from django.conf import settings
+from django.core.management import call_command
 from django.utils import timezone
 
 from tests.factories import UsageEventFactory
@@ -76,6 +78,31 @@ def test_the_aggregation_task_publishes_the_new_batches(kafka):
     [batch] = AggregatedBatch.objects.all()
     assert batch.published_at is not None
     assert read_topic(1) == [(str(batch.id).encode(), str(batch.id).encode())]
+
+
+def test_a_manual_aggregation_publishes_its_batches_too(kafka):
+    UsageEventFactory(usage_date=timezone.now() - timedelta(days=1))
+
+    call_command("aggregate_usage", stdout=io.StringIO())
+
+    [batch] = AggregatedBatch.objects.all()
+    assert batch.published_at is not None
+    assert read_topic(1) == [(str(batch.id).encode(), str(batch.id).encode())]
+
+
+def test_publishing_clears_a_due_retry_but_not_one_set_for_later(kafka):
+    due, later = make_batches(2)
+    now = timezone.now()
+    AggregatedBatch.objects.filter(id=due).update(next_retry_at=now - timedelta(seconds=1))
+    # Set by a consumer meanwhile (a new failure, records in doubt to settle): clearing it
+    # would leave the batch to the 10-minute lost-message sweep.
+    AggregatedBatch.objects.filter(id=later).update(next_retry_at=now + timedelta(minutes=5))
+
+    assert sorted(publish_batches([due, later])) == [due, later]
+
+    retries = dict(AggregatedBatch.objects.values_list("id", "next_retry_at"))
+    assert retries[due] is None
+    assert retries[later] > now
 
 
 def test_the_sweep_picks_what_is_due_and_leaves_the_rest(settings):

@@ -16,7 +16,7 @@ from django.utils import timezone
 from tests.services import AUTH_KEY, CLIENT_NO, Simulator
 from usage_sync import reconcile as reconcile_module
 from usage_sync.aggregation import aggregate_usage
-from usage_sync.billing import AriaClient
+from usage_sync.billing import AriaClient, usage_rec
 from usage_sync.ingest import store_events, validate_events
 from usage_sync.models import (
     AggregatedBatch,
@@ -27,7 +27,7 @@ from usage_sync.models import (
     UsageRecord,
 )
 from usage_sync.reconcile import reconcile, reconcile_steps
-from usage_sync.sync import sync_batch, usage_rec
+from usage_sync.sync import sync_batch
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
 

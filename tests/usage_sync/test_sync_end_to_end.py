@@ -123,7 +123,11 @@ def test_the_same_batch_id_delivered_twice_bills_once(pipeline):
     pipeline.start_worker("w")
 
     pipeline.wait_until_settled()
-    time.sleep(3)  # let the duplicate deliveries be consumed too
+    # Every delivery handled, the duplicates too (each logs its outcome: synced or skipped).
+    log = pipeline.tmp_path / "worker-w.log"
+    deliveries = 2 * len(batch_ids) + 2
+    wait_for(lambda: log.read_text().count("INFO usage_sync.consumer batch ") >= deliveries,
+             timeout=30, what="every delivery to be handled")
 
     pipeline.assert_billed_exactly_once()
 

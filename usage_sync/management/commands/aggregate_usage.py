@@ -4,11 +4,14 @@ from datetime import UTC, datetime
 from django.core.management.base import BaseCommand, CommandError
 
 from allegro.progress import progress
-from usage_sync.aggregation import STEPS, aggregate_usage
+from usage_sync.aggregation import STEPS, aggregate_and_publish
 
 
 class Command(BaseCommand):
-    help = "Aggregate the un-aggregated usage events of every closed window, once."
+    help = (
+        "Aggregate the un-aggregated usage events of every closed window, once, and publish "
+        "the new batch ids for the sync."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument(
@@ -38,7 +41,10 @@ class Command(BaseCommand):
                 advance(0 if step in done else 1, note=following[0] if following else "done")
                 done.add(step)
 
-            result = aggregate_usage(now=now, actor="aggregate_usage command", on_step=on_step)
+            # Published at once, as the scheduled runs are, not left for the sweep.
+            result = aggregate_and_publish(
+                now=now, actor="aggregate_usage command", on_step=on_step
+            )
         self.stdout.write(
             f"Aggregated {result.events} events into {result.records} records "
             f"in {result.batches} batches (windows ending before {result.boundary.isoformat()}) "

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from usage_sync.benchmarks import database_exists, server_settings
+from devtools.benchmarks import database_exists, server_settings
 
 INGEST_KEYS = {
     "benchmark", "events", "requests", "clients", "server", "seconds", "events_per_s",

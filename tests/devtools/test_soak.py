@@ -10,7 +10,7 @@ import uuid
 import pytest
 from django.conf import settings
 
-from usage_sync.benchmarks import database_exists, server_settings
+from devtools.benchmarks import database_exists, server_settings
 
 pytestmark = pytest.mark.e2e
 

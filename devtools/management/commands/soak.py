@@ -10,7 +10,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
-from usage_sync import benchmarks, soak
+from devtools import benchmarks, soak
 
 
 class Command(BaseCommand):

@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-BASE_DIR = Path(__file__).resolve().parent.parent
+BASE_DIR = Path(__file__).resolve().parents[2]
 STARTED = re.compile(r"started ([\w-]+) \(pid (\d+)\)")
 CONSOLE = re.compile(r"Console:\s+(http://\S+)")
 SIMULATOR = re.compile(r"(http://\S+)/_sim/records")

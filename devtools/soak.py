@@ -54,8 +54,18 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
 from allegro.progress import progress
+from usage_sync.aggregation import aggregate_usage, window_boundary
+from usage_sync.billing import AriaClient
+from usage_sync.models import (
+    AggregatedBatch,
+    AggregationConfig,
+    RecordStatus,
+    SyncActivity,
+    UsageEvent,
+    UsageRecord,
+)
+from usage_sync.reconcile import reconcile
 
-from .aggregation import aggregate_usage, window_boundary
 from .benchmarks import (
     USAGE_TYPES,
     BenchmarkError,
@@ -69,16 +79,6 @@ from .benchmarks import (
     bench_redis_url,
     machine_facts,
 )
-from .billing import AriaClient
-from .models import (
-    AggregatedBatch,
-    AggregationConfig,
-    RecordStatus,
-    SyncActivity,
-    UsageEvent,
-    UsageRecord,
-)
-from .reconcile import reconcile
 
 logger = logging.getLogger(__name__)
 
@@ -616,9 +616,9 @@ def _results(*, run, report, errors, seconds, rate, worker_memory, worker_log, m
         warnings.append(f"{worker_log.aggregation_races} aggregation attempts were retried")
     ok = not problems and not error_summary["http_5xx"] and not error_summary["other"]
 
-    runs = SyncActivity.objects.filter(action_name="AGGREGATE", actor="scheduler")
+    runs = SyncActivity.objects.filter(action_name=SyncActivity.Action.AGGREGATE, actor="scheduler")
     run_ms = list(runs.values_list("duration_ms", flat=True))
-    calls = SyncActivity.objects.filter(action_name="BULK_RECORD_USAGE")
+    calls = SyncActivity.objects.filter(action_name=SyncActivity.Action.BULK_RECORD_USAGE)
     call_ms = [ms for ms in calls.values_list("duration_ms", flat=True) if ms is not None]
     by_status = dict(
         UsageRecord.objects.order_by().values_list("status").annotate(n=Count("id"))
