@@ -190,8 +190,8 @@ def _send_pending(claim: Claim, client: AriaClient, reconciled: int) -> SyncResu
     sent = {r.client_record_id: r.id for r in records}
     answer = map_answer(result, sent)
     completed, errors = _store_outcome(claim, answer, sent_at=sent_at, client=client,
-                                       sent=len(records), error=(result.error_code,
-                                                                 result.error_msg))
+                                       sent=list(sent), error=(result.error_code,
+                                                               result.error_msg))
     return SyncResult(
         Outcome.WAITING if answer.in_doubt else Outcome.SYNCED,
         batch_id,
@@ -219,7 +219,8 @@ def _check_still_in_time(sent_at: datetime, client: AriaClient) -> None:
 
 
 def _store_outcome(claim: Claim, answer: MappedAnswer, *, sent_at: datetime,
-                   client: AriaClient, sent: int, error: tuple[str, str]) -> tuple[int, int]:
+                   client: AriaClient, sent: list[str], error: tuple[str, str]
+                   ) -> tuple[int, int]:
     """Write each record's outcome, the batch counts and the activity entry, atomically."""
     now = timezone.now()
     mine = UsageRecord.objects.filter(
@@ -249,17 +250,19 @@ def _store_outcome(claim: Claim, answer: MappedAnswer, *, sent_at: datetime,
             )
             claim.release(finished=True)
         errored = sum(errored_by_code.values())
-        _log_call(claim, client, sent=sent, completed=completed, errored=errored,
+        _log_call(claim, client, sent_ids=sent, completed=completed, errored=errored,
                   error=error, answer=answer, retry_at=sent_at + settle_window())
         # Counted once the outcome commits, so a rolled-back store counts nothing.
         transaction.on_commit(lambda: _count_outcomes(completed, errored_by_code))
     return completed, errored
 
 
-def _log_call(claim: Claim, client: AriaClient, *, sent: int, completed: int, errored: int,
-              error: tuple[str, str], answer: MappedAnswer, retry_at: datetime) -> None:
+def _log_call(claim: Claim, client: AriaClient, *, sent_ids: list[str], completed: int,
+              errored: int, error: tuple[str, str], answer: MappedAnswer,
+              retry_at: datetime) -> None:
     """The call's activity-log entry and log line."""
     batch_id = claim.batch_id
+    sent = len(sent_ids)
     call = client.last_call
     receipt = call.client_receipt_id if call else ""
     duration_ms = call.duration_ms if call else None
@@ -293,6 +296,8 @@ def _log_call(claim: Claim, client: AriaClient, *, sent: int, completed: int, er
             "errors": errored,
             "in_doubt": sent - completed - errored if answer.in_doubt else 0,
             "unmapped": answer.unmapped[:100],
+            # Which records the call carried: a record's history reads it back.
+            "client_record_ids": sent_ids[:2000],
         },
     )
     if answer.in_doubt:

@@ -450,3 +450,16 @@ def test_a_sync_that_finishes_starts_the_backoff_afresh_next_time(client, batch)
     assert sync_batch(batch_id=batch.id, client=client).outcome == Outcome.SYNCED
     batch.refresh_from_db()
     assert (batch.status, batch.sync_attempts) == (BatchStatus.COMPLETE, 0)
+
+
+@responses.activate
+def test_the_activity_entry_of_a_call_names_the_records_it_carried(client, batch):
+    responses.post(URL, json=ok())
+
+    sync_batch(batch_id=batch.id, client=client)
+
+    entry = SyncActivity.objects.get(action_name="BULK_RECORD_USAGE")
+    assert sorted(entry.details["client_record_ids"]) == sorted(
+        batch.records.values_list("client_record_id", flat=True)
+    )
+    assert entry.details["client_receipt_id"] == bulk_calls()[0]["client_receipt_id"]
