@@ -1309,6 +1309,8 @@ CONSOLE_BATCHES = 1_000
 CONSOLE_REQUESTS = 20
 CONSOLE_TARGET_MS = 150.0
 CONSOLE_ERROR_CODES = ["1010", "3020", "5001"]
+# Raw events behind each seeded record: 10M events at 1M records, for the trail pages.
+CONSOLE_EVENTS_PER_RECORD = 10
 
 
 def bench_console(*, records: int = CONSOLE_RECORDS, batches: int = CONSOLE_BATCHES,
@@ -1327,6 +1329,8 @@ def bench_console(*, records: int = CONSOLE_RECORDS, batches: int = CONSOLE_BATC
     per_batch = max(1, records // batches)
     on_phase(f"seeding {records:,} records")
     seeded = _seed_console_records(batches=batches, per_batch=per_batch)
+    on_phase(f"seeding {seeded['records'] * CONSOLE_EVENTS_PER_RECORD:,} events")
+    seeded["events"] = _seed_console_events(per_record=CONSOLE_EVENTS_PER_RECORD)
     user = get_user_model().objects.create_user("bench-console", password=secrets.token_hex(8))
     user.user_permissions.add(Permission.objects.get(codename="reprocess_usage"))
     client = Client()
@@ -1335,11 +1339,19 @@ def bench_console(*, records: int = CONSOLE_RECORDS, batches: int = CONSOLE_BATC
     if batch is None:
         raise BenchmarkError("console: no batch with ERROR records was seeded")
     records_url = reverse("console:records")
+    record = UsageRecord.objects.filter(batch=batch, status=RecordStatus.ERROR).first()
+    event_id = UsageEvent.objects.filter(record=record).values_list("event_id", flat=True)[0]
     pages = {
         "incomplete_batches": reverse("console:batches"),
-        "batch_summary": reverse("console:batch-summary", args=[batch.pk]),
+        "batch_summary": reverse("console:batch-summary", args=[batch.pk]) + "?fragment=1",
+        "batch_page": reverse("console:batch", args=[batch.pk]),
         "records_by_batch": f"{records_url}?" + urlencode({"batch": batch.pk}),
         "records_by_status": f"{records_url}?" + urlencode({"status": "ERROR"}),
+        # The usage trail: a record with its history and events, an event by its id, and
+        # the search behind the top bar's box (its API answer: the page redirects).
+        "record_page": reverse("console:record", args=[record.pk]),
+        "event_lookup": reverse("console:event") + "?" + urlencode({"id": event_id}),
+        "trace_search": "/api/v1/trace/?" + urlencode({"q": event_id}),
     }
     results = {}
     on_phase("timing the pages")
@@ -1359,6 +1371,7 @@ def bench_console(*, records: int = CONSOLE_RECORDS, batches: int = CONSOLE_BATC
     return {
         "benchmark": "console_pages",
         "records": seeded["records"],
+        "events": seeded["events"],
         "batches": batches,
         "incomplete_batches": seeded["incomplete_batches"],
         "requests": requests_count,
@@ -1366,6 +1379,26 @@ def bench_console(*, records: int = CONSOLE_RECORDS, batches: int = CONSOLE_BATC
         "target_ms": CONSOLE_TARGET_MS,
         "met": all(r["p95_ms"] < CONSOLE_TARGET_MS for r in results.values()),
     }
+
+
+def _seed_console_events(*, per_record: int) -> int:
+    """Raw events for every seeded record, linked to it (set-based); return how many."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO usage_sync_usageevent
+                (event_id, client_acct_id, usage_type_code, usage_units, usage_date,
+                 qualifier_1, qualifier_2, qualifier_3, qualifier_4, comments, received_at,
+                 record_id)
+            SELECT 'CE' || r.id || '-' || i, r.client_acct_id, r.usage_type_code, 0.15,
+                   r.usage_date + i * interval '1 minute', '', '', '', '', '', now(), r.id
+            FROM usage_sync_usagerecord r CROSS JOIN generate_series(1, %s) AS i
+            """,
+            [per_record],
+        )
+        inserted = cursor.rowcount
+        cursor.execute("ANALYZE usage_sync_usageevent")
+    return inserted
 
 
 def _seed_console_records(*, batches: int, per_batch: int) -> dict:
@@ -1394,7 +1427,7 @@ def _seed_console_records(*, batches: int, per_batch: int) -> dict:
                  status, sync_error_code, sync_error_message, attempts, created_at, updated_at,
                  completed_at)
             SELECT b.id, 'CB' || b.id || '-' || i, 'CONSOLE-' || (i %% 50), 'API_CALLS',
-                   '', '', '', '', 1.5, b.window_start, 1,
+                   '', '', '', '', 1.5, b.window_start, {CONSOLE_EVENTS_PER_RECORD},
                    s.status,
                    CASE WHEN s.status = 'ERROR' THEN ({codes})[1 + i %% 3] ELSE '' END,
                    CASE WHEN s.status = 'ERROR' THEN 'error ' || ({codes})[1 + i %% 3]

@@ -2,7 +2,14 @@
 
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.core.paginator import EmptyPage
+from django.urls import reverse
+from django.utils.http import urlencode
 from django_tables2.paginators import LazyPaginator
+
+from usage_sync.models import AggregatedBatch
+
+from .models import ReprocessLevel
+from .reprocess import error_summary
 
 REPROCESS_PERM = "reprocess.reprocess_usage"
 
@@ -18,6 +25,19 @@ class BoundedLazyPaginator(LazyPaginator):
         if number > self.MAX_PAGE:
             raise EmptyPage("That page contains no results")
         return number
+
+
+def summary_lines(batch: AggregatedBatch) -> list[dict]:
+    """The batch's error summary, each line with the links to its records and to
+    reprocess it."""
+    lines = error_summary(batch)
+    for line in lines:
+        group = {"batch": batch.pk, "error_code": line["error_code"], "status": line["status"]}
+        line["records_url"] = reverse("console:records") + "?" + urlencode(group)
+        line["reprocess_url"] = reverse("console:reprocess") + "?" + urlencode(
+            {"level": ReprocessLevel.ERROR_SUMMARY, **group}
+        )
+    return lines
 
 
 class ConsoleMixin(LoginRequiredMixin):

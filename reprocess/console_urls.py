@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from . import tokens, views
+from . import tokens, trail_views, views
 
 app_name = "console"
 
@@ -14,6 +14,11 @@ urlpatterns = [
     path("usage/reprocess/", views.ReprocessView.as_view(), name="reprocess"),
     path("usage/reprocess/runs/<int:run_id>/progress/", views.RunProgressView.as_view(),
          name="run-progress"),
+    path("search/", trail_views.SearchView.as_view(), name="search"),
+    path("usage/batches/<int:batch_id>/", trail_views.BatchDetailView.as_view(), name="batch"),
+    path("usage/records/<int:record_id>/", trail_views.RecordDetailView.as_view(),
+         name="record"),
+    path("usage/events/", trail_views.EventDetailView.as_view(), name="event"),
     path("usage/records/", views.RecordListView.as_view(), name="records"),
     path("usage/records.csv", views.RecordCsvView.as_view(), name="records-csv"),
     path("usage/activity/", views.ActivityListView.as_view(), name="activity"),

@@ -8,6 +8,10 @@ from django.utils.html import format_html
 
 from usage_sync.models import AggregatedBatch, SyncActivity, UsageRecord
 
+# Every time says its zone (the console shows UTC, Django's TIME_ZONE).
+TIME = "Y-m-d H:i T"
+TIME_SECONDS = "Y-m-d H:i:s T"
+
 
 class StatusColumn(tables.Column):
     """Render a status as a colour badge."""
@@ -25,8 +29,9 @@ class BatchTable(tables.Table):
         template_name="reprocess/partials/batch_expand_cell.html",
         verbose_name="", orderable=False, attrs={"td": {"class": "col-icon"}},
     )
-    window_start = tables.DateTimeColumn(verbose_name="Start date/time", format="Y-m-d H:i")
-    window_end = tables.DateTimeColumn(verbose_name="End date/time", format="Y-m-d H:i")
+    id = tables.Column(linkify=("console:batch", [tables.A("pk")]), verbose_name="ID")
+    window_start = tables.DateTimeColumn(verbose_name="Start date/time", format=TIME)
+    window_end = tables.DateTimeColumn(verbose_name="End date/time", format=TIME)
     total_count = tables.Column(verbose_name="Total", attrs={"td": {"class": "num"}})
     completed_count = tables.Column(verbose_name="Completed", attrs={"td": {"class": "num"}})
     error_count = tables.Column(verbose_name="Error", attrs={"td": {"class": "num"}})
@@ -51,8 +56,10 @@ class RecordTable(tables.Table):
     """Billing Aggregated Usage Records."""
 
     status = StatusColumn()
-    batch = tables.Column(accessor="batch_id", verbose_name="Batch")
-    usage_date = tables.DateTimeColumn(format="Y-m-d H:i")
+    batch = tables.Column(accessor="batch_id", verbose_name="Batch",
+                          linkify=("console:batch", [tables.A("batch_id")]))
+    client_record_id = tables.Column(linkify=("console:record", [tables.A("pk")]))
+    usage_date = tables.DateTimeColumn(format=TIME)
     sync_error_message = tables.Column(attrs={"td": {"class": "wrap"}})
 
     class Meta:
@@ -69,7 +76,7 @@ class ActivityTable(tables.Table):
     """The activity log, with a details toggle per entry (error and what was sent)."""
 
     status = StatusColumn()
-    created_at = tables.DateTimeColumn(format="Y-m-d H:i:s", verbose_name="Date")
+    created_at = tables.DateTimeColumn(format=TIME_SECONDS, verbose_name="Date")
     duration_ms = tables.Column(verbose_name="Duration", attrs={"td": {"class": "num"}})
     record_count = tables.Column(verbose_name="Records", attrs={"td": {"class": "num"}})
     details = tables.Column(orderable=False, empty_values=())
@@ -109,7 +116,7 @@ class AccountTable(tables.Table):
     error = tables.Column(attrs={"td": {"class": "num"}})
     pending = tables.Column(attrs={"td": {"class": "num"}})
     ignored = tables.Column(attrs={"td": {"class": "num"}})
-    last_usage = tables.DateTimeColumn(format="Y-m-d H:i", verbose_name="Last usage")
+    last_usage = tables.DateTimeColumn(format=TIME, verbose_name="Last usage")
     records = tables.Column(empty_values=(), orderable=False, verbose_name="")
 
     class Meta:

@@ -12,7 +12,6 @@ from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.http import urlencode
 from django.views import View
 from django.views.generic import TemplateView
 from django.views.generic.edit import FormView
@@ -29,10 +28,10 @@ from usage_sync.models import (
 )
 
 from .charts import sync_outcome_chart
-from .console import REPROCESS_PERM, BoundedLazyPaginator, ConsoleMixin
+from .console import REPROCESS_PERM, BoundedLazyPaginator, ConsoleMixin, summary_lines
 from .filters import ActivityFilter, BatchFilter, RecordFilter, day_range
-from .models import ReprocessLevel, ReprocessRun
-from .reprocess import ReprocessError, error_summary, reprocess_run_create
+from .models import ReprocessRun
+from .reprocess import ReprocessError, reprocess_run_create
 from .tables import AccountTable, ActivityTable, BatchTable, RecordTable
 
 # --- overview ----------------------------------------------------------------------------
@@ -95,29 +94,16 @@ class BatchListView(ConsoleMixin, SingleTableMixin, FilterView):
 
 
 class ErrorSummaryView(ConsoleMixin, View):
-    """A batch's incomplete records by status and error code: a page of its own (the
-    batch row's expand icon is a link to it), or with ?fragment=1 the expanded row that
-    the console's script puts under the batch."""
+    """A batch's incomplete records by status and error code, as the row the console's
+    script expands under the batch (?fragment=1); otherwise the batch's page, which shows
+    the same summary (the batch row's expand icon links there)."""
 
     def get(self, request, batch_id: int):
         batch = get_object_or_404(AggregatedBatch, pk=batch_id)
-        lines = error_summary(batch)
-        records_url = reverse("console:records")
-        for line in lines:
-            line["records_url"] = f"{records_url}?" + urlencode(
-                {"batch": batch.pk, "error_code": line["error_code"], "status": line["status"]}
-            )
-            line["reprocess_url"] = _reprocess_url(
-                level=ReprocessLevel.ERROR_SUMMARY, batch=batch.pk,
-                error_code=line["error_code"], status=line["status"],
-            )
-        template = ("reprocess/partials/error_summary.html" if request.GET.get("fragment")
-                    else "reprocess/batch_summary.html")
-        return render(request, template, {"batch": batch, "lines": lines})
-
-
-def _reprocess_url(**params) -> str:
-    return reverse("console:reprocess") + "?" + urlencode(params)
+        if not request.GET.get("fragment"):
+            return redirect(reverse("console:batch", args=[batch.pk]) + "#summary")
+        return render(request, "reprocess/partials/error_summary.html",
+                      {"batch": batch, "lines": summary_lines(batch)})
 
 
 # --- reprocess ---------------------------------------------------------------------------

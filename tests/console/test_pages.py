@@ -108,7 +108,7 @@ def test_the_status_filter_is_exact(client):
 
 def test_the_summary_lists_error_code_and_status_lines_with_links(client):
     batch = make_batch(complete=1, errors={"1009": 2, "5001": 1}, pending=1)
-    response = client.get(reverse("console:batch-summary", args=[batch.pk]))
+    response = client.get(reverse("console:batch-summary", args=[batch.pk]), {"fragment": "1"})
     lines = response.context["lines"]
     assert [(line["status"], line["error_code"], line["count"]) for line in lines] == [
         ("ERROR", "1009", 2), ("ERROR", "5001", 1), ("PENDING", "", 1)]
@@ -118,13 +118,15 @@ def test_the_summary_lists_error_code_and_status_lines_with_links(client):
     assert "View records" in html
 
 
-def test_the_expand_icon_is_a_link_to_a_summary_page_and_the_script_gets_the_fragment(client):
+def test_the_expand_icon_is_a_link_to_the_batch_page_and_the_script_gets_the_fragment(client):
     batch = make_batch(errors={"1009": 2})
     listing = client.get(reverse("console:batches")).content.decode()
+    batch_url = reverse("console:batch", args=[batch.pk])
     summary_url = reverse("console:batch-summary", args=[batch.pk])
-    assert f'class="icon-btn js-expand" href="{summary_url}"' in listing
+    assert (f'class="icon-btn js-expand" href="{batch_url}#summary" '
+            f'data-fragment="{summary_url}?fragment=1"') in listing
 
-    page = client.get(summary_url).content.decode()
+    page = client.get(summary_url, follow=True).content.decode()
     fragment = client.get(summary_url, {"fragment": "1"}).content.decode()
 
     # Without JavaScript the link opens a whole console page; the script asks for the row.
@@ -188,7 +190,7 @@ def test_users_without_the_permission_see_no_buttons_and_get_403(viewer_client):
     page = viewer_client.get(reverse("console:batches")).content.decode()
     summary_url = reverse("console:batch-summary", args=[batch.pk])
     fragment = viewer_client.get(summary_url, {"fragment": "1"}).content.decode()
-    summary_page = viewer_client.get(summary_url).content.decode()
+    summary_page = viewer_client.get(summary_url, follow=True).content.decode()
     assert "Reprocess" not in page.replace("Billing Sync Reprocess", "")
     assert "btn" not in fragment
     assert "Reprocess" not in summary_page.replace("Billing Sync Reprocess", "")

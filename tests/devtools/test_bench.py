@@ -160,8 +160,7 @@ def test_it_reprocesses_all_error_records_and_resyncs_each_once(database_name):
 
 CONSOLE_KEYS = {
     "benchmark", "records", "batches", "incomplete_batches", "requests", "pages", "target_ms",
-    "met", "machine",
-}
+    "met", "machine", "events"}
 
 
 def test_it_times_the_console_pages(database_name):
@@ -170,8 +169,9 @@ def test_it_times_the_console_pages(database_name):
     [result] = [json.loads(line) for line in run.stdout.splitlines()]
     assert set(result) == CONSOLE_KEYS
     assert result["benchmark"] == "console_pages"
-    assert result["records"] == 2000
+    assert (result["records"], result["events"]) == (2000, 20_000)
     assert set(result["pages"]) == {
-        "incomplete_batches", "batch_summary", "records_by_batch", "records_by_status"}
+        "incomplete_batches", "batch_summary", "batch_page", "records_by_batch",
+        "records_by_status", "record_page", "event_lookup", "trace_search"}
     assert all({"p50_ms", "p95_ms"} <= set(p) for p in result["pages"].values())
     assert not bench_database_exists(database_name)

@@ -7,7 +7,7 @@ from django.test import Client
 from django.urls import reverse
 
 from reprocess.models import ReprocessRun
-from tests.factories import UserFactory, make_batch
+from tests.factories import UsageEventFactory, UserFactory, make_batch
 from tests.security.endpoints import (
     POST_NEEDS_PERMISSION,
     POST_WITHOUT_REPROCESS_PERMISSION,
@@ -31,7 +31,10 @@ def ids(published):
     """Real objects behind every <int:…> of a URL, so no check hides behind a 404."""
     batch = make_batch(complete=1, errors={"1009": 2}, pending=1)
     run = ReprocessRun.objects.create(level="BATCH", batch=batch, actor="someone")
-    return {"batch_id": batch.id, "run_id": run.id}
+    record = batch.records.first()
+    event = UsageEventFactory(record=record, client_acct_id=record.client_acct_id)
+    return {"batch_id": batch.id, "run_id": run.id, "record_id": record.id,
+            "event_id": event.event_id}
 
 
 def test_every_url_is_public_console_or_api():
@@ -148,10 +151,20 @@ def text(response) -> str:
     return response.content.decode()
 
 
+# Pages that show something only with a query: what it needs.
+PAGE_QUERIES = {"usage/aggregated/<int:batch_id>/summary/": "fragment=1",
+                "usage/events/": "id={event_id}", "search/": "q={event_id}"}
+
+
 def console_pages(ids):
-    """Every console GET page, with a batch expanded and a run to show."""
-    return [e.url(**ids) for e in CONSOLE if e.route not in ("usage/reprocess/",)
-            and not e.route.startswith("tokens/") or e.route == "tokens/"]
+    """Every console GET page, with a batch expanded, a run, an event and a search."""
+    pages = []
+    for e in CONSOLE:
+        if e.route == "usage/reprocess/" or e.route.startswith("tokens/") and e.route != "tokens/":
+            continue
+        query = PAGE_QUERIES.get(e.route, "").format(**ids)
+        pages.append(e.url(**ids) + (f"?{query}" if query else ""))
+    return pages
 
 
 def test_users_without_the_permission_see_no_reprocess_button(ids, viewer_client,
@@ -161,14 +174,14 @@ def test_users_without_the_permission_see_no_reprocess_button(ids, viewer_client
     pages = console_pages(ids) + [reverse("console:batches") + f"?run={ids['run_id']}"]
     shown_to_operator = []
     for url in pages:
-        viewer_page = viewer_client.get(url)
+        viewer_page = viewer_client.get(url, follow=True)
         assert viewer_page.status_code == 200, url
         assert reprocess_path not in text(viewer_page), url
-        if reprocess_path in text(operator_client.get(url)):
+        if reprocess_path in text(operator_client.get(url, follow=True)):
             shown_to_operator.append(url)
     # The same pages do show the buttons to an operator: the check above means something.
     assert reverse("console:batches") in shown_to_operator
-    assert reverse("console:batch-summary", args=[ids["batch_id"]]) in shown_to_operator
+    assert reverse("console:batch", args=[ids["batch_id"]]) in shown_to_operator
 
 
 # --- CSRF --------------------------------------------------------------------------------

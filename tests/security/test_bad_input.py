@@ -201,7 +201,8 @@ def test_reprocess_input_errors_name_the_field(operator_api, published):
 # NUL (PostgreSQL text refuses it), a digit int() refuses, a number past bigint, a
 # negative, a long non-ASCII string.
 JUNK = ["a\x00b", "²", "9" * 30, "-1", "é" * 300]
-PARAMS = ["q", "account", "batch", "error_code", "status", "level", "start_date", "end_date",
+PARAMS = ["q", "id", "event_id", "account", "batch", "error_code", "status", "level",
+          "start_date", "end_date",
           "sort", "ordering", "page", "page_size", "run", "incomplete", "cursor"]
 
 
@@ -225,7 +226,7 @@ def test_junk_in_any_query_parameter_of_any_page_is_never_a_500(
     client.force_login(operator)
     batch = make_batch(errors={"1009": 1})
     run = ReprocessRun.objects.create(level="BATCH", batch=batch, actor="x")
-    ids = {"batch_id": batch.id, "run_id": run.id}
+    ids = {"batch_id": batch.id, "run_id": run.id, "record_id": batch.records.first().id}
     failures = []
     for url in get_pages(ids):
         for param in PARAMS:

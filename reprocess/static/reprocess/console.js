@@ -2,7 +2,7 @@
 (function () {
   "use strict";
 
-  // The expand icon is a link to the batch's summary page; with the script, the summary
+  // The expand icon is a link to the batch's page; with the script, the batch's summary
   // opens in place under the row instead.
   function toggleSummary(button) {
     var row = button.closest("tr");
@@ -20,9 +20,7 @@
     summary.appendChild(cell);
     row.after(summary);
     button.setAttribute("aria-expanded", "true");
-    var url = new URL(button.href, window.location.href);
-    url.searchParams.set("fragment", "1");
-    fetch(url.toString(), { credentials: "same-origin" })
+    fetch(button.dataset.fragment, { credentials: "same-origin" })
       .then(function (r) {
         if (!r.ok) { throw new Error("HTTP " + r.status); }
         return r.text();
