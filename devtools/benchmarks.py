@@ -333,9 +333,16 @@ def _gunicorn(
         "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
         "--timeout", "300", "--log-level", "warning",
     ]
-    with _child_process(command, env=env, name="gunicorn") as server:
-        _wait_until_listening(server, port, name="gunicorn")
-        yield f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="allegro-static-") as static_root:
+        # As in production: pages name content-hashed static files, collected first.
+        env["STATIC_ROOT"] = static_root
+        subprocess.run(
+            [sys.executable, str(settings.BASE_DIR / "manage.py"), "collectstatic",
+             "--noinput", "-v0"], env=env, check=True,
+        )
+        with _child_process(command, env=env, name="gunicorn") as server:
+            _wait_until_listening(server, port, name="gunicorn")
+            yield f"http://127.0.0.1:{port}"
 
 
 @contextmanager

@@ -464,7 +464,9 @@ class _Console:
             # The operator opens the latest batch with errors (any batch before there is one).
             batches = AggregatedBatch.objects.order_by("-error_count", "-id")
             batch_id = batches.values_list("id", flat=True).first()
-            return None if batch_id is None else reverse("console:batch-summary", args=[batch_id])
+            return None if batch_id is None else (
+                reverse("console:batch-summary", args=[batch_id]) + "?fragment=1"
+            )
         if page == "records":
             return f"{reverse('console:records')}?{urlencode({'status': RecordStatus.ERROR})}"
         return reverse("console:activity")
