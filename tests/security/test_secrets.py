@@ -159,7 +159,7 @@ def test_no_console_page_api_response_or_admin_page_shows_a_secret(
 ):
     settings.HEALTH_CHECK_TIMEOUT_SECONDS = 0.5
     batch = make_batch(errors={"1004": 1})
-    ids = {"batch_id": batch.id, "run_id": 1}
+    ids = {"batch_id": batch.id, "run_id": 1, "record_id": batch.records.first().id}
     superuser_client.post(reverse("console:reprocess"), {"level": "BATCH", "batch": batch.id})
     from reprocess.models import ReprocessRun
 
