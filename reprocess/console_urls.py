@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from . import tokens, trail_views, views
+from . import preferences, tokens, trail_views, views
 
 app_name = "console"
 
@@ -24,6 +24,7 @@ urlpatterns = [
     path("usage/activity/", views.ActivityListView.as_view(), name="activity"),
     path("usage/configuration/", views.ConfigView.as_view(), name="config"),
     path("accounts/", views.AccountListView.as_view(), name="accounts"),
+    path("preferences/", preferences.PreferenceView.as_view(), name="preferences"),
     path("tokens/", tokens.TokenView.as_view(), name="tokens"),
     path("tokens/create/", tokens.TokenCreateView.as_view(), name="tokens-create"),
     path("tokens/revoke/", tokens.TokenRevokeView.as_view(), name="tokens-revoke"),

@@ -1,5 +1,6 @@
 """Reprocess runs: who queued which records again, and how far they got."""
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Count
 from django.utils import timezone
@@ -108,3 +109,19 @@ class ReprocessRunRecord(models.Model):
 
     def __str__(self):
         return f"run {self.run_id} · record {self.record_id}"
+
+
+class ConsolePreference(models.Model):
+    """What one console user chose for themselves: the zone the console shows times in."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL,
+        primary_key=True,
+        on_delete=models.CASCADE,
+        related_name="console_preference",
+    )
+    # An IANA zone name (Europe/Paris); validated against the zones this Python knows.
+    time_zone = models.CharField(max_length=64, default="UTC")
+
+    def __str__(self):
+        return f"{self.user} in {self.time_zone}"

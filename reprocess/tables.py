@@ -8,7 +8,7 @@ from django.utils.html import format_html
 
 from usage_sync.models import AggregatedBatch, SyncActivity, UsageRecord
 
-# Every time says its zone (the console shows UTC, Django's TIME_ZONE).
+# Every time says its zone: UTC, or the one the user chose under Preferences.
 TIME = "Y-m-d H:i T"
 TIME_SECONDS = "Y-m-d H:i:s T"
 

@@ -17,9 +17,10 @@ PUBLIC = {
 # HTML pages under /api/v1/ that a browser opens: a login redirect, like the console.
 API_PAGES = {"api/v1/docs/", "api/v1/redoc/"}
 # Any logged-in user (or token) may use these POST endpoints without the reprocess
-# permission: ingest, and managing one's own API token.
+# permission: ingest, one's own preferences and one's own API token.
 POST_WITHOUT_REPROCESS_PERMISSION = {
     "api/v1/usage-events/": "ingest",
+    "preferences/": "one's own time zone",
     "tokens/create/": "one's own token",
     "tokens/revoke/": "one's own token",
 }

@@ -202,7 +202,7 @@ def csrf_client(db):
 def test_every_console_post_needs_the_csrf_token(ids, csrf_client, endpoint):
     url = endpoint.url(**ids)
     data = {"level": "BATCH", "batch": ids["batch_id"], "frequency_minutes": 60,
-            "batch_size": 500, "lateness_grace_minutes": 5}
+            "batch_size": 500, "lateness_grace_minutes": 5, "time_zone": "UTC"}
 
     refused = csrf_client.post(url, data)
     accepted = csrf_client.post(
