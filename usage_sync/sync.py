@@ -33,6 +33,11 @@ from .models import AggregatedBatch, RecordStatus, SyncActivity, UsageRecord
 
 logger = logging.getLogger(__name__)
 
+# A call's activity entry lists the first ids of the records it carried, enough for most
+# batches without storing megabytes per call; a record's history reads them back.
+CALL_IDS_KEPT = 2000
+
+
 class Outcome(enum.StrEnum):
     SYNCED = "synced"
     SKIPPED = "skipped"  # nothing pending, gone, or another worker holds the batch
@@ -49,6 +54,14 @@ class SyncResult:
     errors: int = 0
     reconciled: int = 0
     detail: str = ""
+
+
+class _CallFailed(AriaTransportError):
+    """A bulk call's transport failure, with the records it carried (none if undelivered)."""
+
+    def __init__(self, message: str, *, sent_ids: list[str]):
+        super().__init__(message, delivered=bool(sent_ids))
+        self.sent_ids = sent_ids
 
 
 def settle_window() -> timedelta:
@@ -82,7 +95,8 @@ def sync_batch(*, batch_id: int, client: AriaClient | None = None) -> SyncResult
                        batch_id, extra={"batch_id": batch_id})
         return SyncResult(Outcome.SKIPPED, batch_id, detail="claim lost")
     except AriaTransportError as exc:
-        _release_for_retry(claim, str(exc), client, error_code="TRANSPORT")
+        sent_ids = exc.sent_ids if isinstance(exc, _CallFailed) else None
+        _release_for_retry(claim, str(exc), client, error_code="TRANSPORT", sent_ids=sent_ids)
         return SyncResult(Outcome.RETRY, batch_id, detail=str(exc))
     except Exception as exc:
         # Records sent stay in doubt (sent_at set): they are reconciled before any re-send.
@@ -186,7 +200,8 @@ def _send_pending(claim: Claim, client: AriaClient, reconciled: int) -> SyncResu
                 UsageRecord.objects.filter(
                     batch_id=batch_id, status=RecordStatus.PENDING, sent_at=sent_at
                 ).update(sent_at=None)
-        raise
+        raise _CallFailed(str(exc), sent_ids=[r.client_record_id for r in records]
+                          if exc.delivered else []) from exc
     sent = {r.client_record_id: r.id for r in records}
     answer = map_answer(result, sent)
     completed, errors = _store_outcome(claim, answer, sent_at=sent_at, client=client,
@@ -297,7 +312,7 @@ def _log_call(claim: Claim, client: AriaClient, *, sent_ids: list[str], complete
             "in_doubt": sent - completed - errored if answer.in_doubt else 0,
             "unmapped": answer.unmapped[:100],
             # Which records the call carried: a record's history reads it back.
-            "client_record_ids": sent_ids[:2000],
+            "client_record_ids": sent_ids[:CALL_IDS_KEPT],
         },
     )
     if answer.in_doubt:
@@ -324,7 +339,8 @@ def _count_outcomes(completed: int, errored_by_code: dict[str, int]) -> None:
             metrics.RECORD_OUTCOMES.labels(RecordStatus.ERROR, code).inc(n)
 
 
-def _release_for_retry(claim: Claim, reason: str, client: AriaClient, *, error_code: str) -> None:
+def _release_for_retry(claim: Claim, reason: str, client: AriaClient, *, error_code: str,
+                       sent_ids: list[str] | None = None) -> None:
     """Give the batch back with a backoff; records in doubt push the retry past their
     settle window. Best effort: if the database is away, the stale claim is the fallback."""
     now = timezone.now()
@@ -350,6 +366,9 @@ def _release_for_retry(claim: Claim, reason: str, client: AriaClient, *, error_c
                     "client_receipt_id": call.client_receipt_id if call else "",
                     "retry_at": retry_at.isoformat(),
                     "attempt": attempt,
+                    # What a bulk call carried, as in _log_call (nothing if undelivered).
+                    **({"sent": len(sent_ids), "client_record_ids": sent_ids[:CALL_IDS_KEPT]}
+                       if sent_ids is not None else {}),
                 },
             )
     except ClaimLost:
