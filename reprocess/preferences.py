@@ -46,7 +46,7 @@ class UserTimeZoneMiddleware:
 
     def __call__(self, request):
         zone = "UTC"
-        if not request.path.startswith(API_PREFIX):
+        if not request.path_info.startswith(API_PREFIX):
             zone = user_time_zone(request.user)
         try:
             timezone.activate(zoneinfo.ZoneInfo(zone))

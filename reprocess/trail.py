@@ -9,6 +9,7 @@ foreign key's index), records by client_record_id (unique) and by account, calls
 from __future__ import annotations
 
 import dataclasses
+import re
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -29,6 +30,10 @@ from .models import ReprocessRunRecord
 
 # Longer than any identifier we store: nothing to look up.
 MAX_QUERY_LENGTH = 100
+# A batch id or an account number as people write them: ASCII digits, no leading zero,
+# within a bigint (str.isdecimal would take Arabic-Indic or full-width digits too).
+_NUMBER = re.compile(r"[1-9][0-9]{0,18}")
+_BIGINT_MAX = 2**63 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,21 +60,24 @@ def find(query: str) -> list[Match]:
     if call:
         matches.append(Match("receipt", f"Call {query} (batch {call.batch_id})",
                              batch_url(call.batch_id) + f"#call-{call.pk}"))
-    if query.isdecimal() and len(query) < 19 and AggregatedBatch.objects.filter(
-        pk=int(query)
-    ).exists():
-        matches.append(Match("batch", f"Batch {query}", batch_url(int(query))))
-    account = {"client_acct_id": query}
-    if query.isdecimal() and len(query) < 19:
-        account = {"acct_no": int(query)}
-    if UsageRecord.objects.filter(**account).exists() or (
-        "acct_no" in account and UsageRecord.objects.filter(client_acct_id=query).exists()
+    number = _as_number(query)
+    if number is not None and AggregatedBatch.objects.filter(pk=number).exists():
+        matches.append(Match("batch", f"Batch {query}", batch_url(number)))
+    if UsageRecord.objects.filter(client_acct_id=query).exists() or (
+        number is not None and UsageRecord.objects.filter(acct_no=number).exists()
     ):
         matches.append(Match(
             "account", f"Account {query}",
             reverse("console:records") + "?" + urlencode({"account": query}),
         ))
     return matches
+
+
+def _as_number(query: str) -> int | None:
+    if not _NUMBER.fullmatch(query):
+        return None
+    number = int(query)
+    return number if number <= _BIGINT_MAX else None
 
 
 def record_url(record_id: int) -> str:
@@ -95,8 +103,14 @@ class HistoryEntry:
     outcome: str
     detail: str
     activity_id: int | None = None
+    receipt_id: str = ""
+    error_code: str = ""
+    error_message: str = ""
     # What it left this record as: ERROR 1009, COMPLETE ("" when it cannot be told).
     record_outcome: str = ""
+    # False for a call of the record's batch whose entry does not list the records it
+    # carried (an undelivered call, or past the CALL_IDS_KEPT ids an entry keeps).
+    listed: bool = True
 
     @property
     def record_status(self) -> str:
@@ -104,22 +118,30 @@ class HistoryEntry:
 
 
 def record_history(record: UsageRecord) -> list[HistoryEntry]:
-    """Each call that carried the record and each reprocess run that queued it, in order."""
+    """Each call that carried the record (or may have) and each reprocess run that queued
+    it, in order."""
+    # A batch has a handful of calls: read them all (over the batch index) and pick ours.
     calls = SyncActivity.objects.filter(
-        batch_id=record.batch_id,
-        action_name=SyncActivity.Action.BULK_RECORD_USAGE,
-        details__client_record_ids__contains=[record.client_record_id],
+        batch_id=record.batch_id, action_name=SyncActivity.Action.BULK_RECORD_USAGE,
     ).order_by("created_at", "id")
-    entries = [
-        HistoryEntry(
+    entries = []
+    for call in calls:
+        listed = _lists(call, record)
+        if listed is False or (listed is None and not _may_carry(call, record)):
+            continue
+        receipt = call.details.get("client_receipt_id") or ""
+        detail = " ".join(filter(None, [call.error_code, call.error_message]))
+        if listed is None:
+            detail = " ".join(filter(None, [
+                detail, "(This entry does not list the records the call carried.)"]))
+        entries.append(HistoryEntry(
             at=call.created_at, kind="call",
-            title=f"bulk_record_usage_m, receipt {call.details.get('client_receipt_id') or '—'}",
-            outcome=call.status,
-            detail=" ".join(filter(None, [call.error_code, call.error_message])),
-            activity_id=call.pk,
-        )
-        for call in calls
-    ]
+            title=f"{call.details.get('rest_call') or 'bulk_record_usage_m'}, "
+                  f"receipt {receipt or '—'}",
+            outcome=call.status, detail=detail, activity_id=call.pk, receipt_id=receipt,
+            error_code=call.error_code, error_message=call.error_message,
+            listed=listed is True,
+        ))
     queued = (
         ReprocessRunRecord.objects.filter(record=record).select_related("run")
         .order_by("run__created_at")
@@ -131,6 +153,7 @@ def record_history(record: UsageRecord) -> list[HistoryEntry]:
             outcome=f"queued from {link.previous_status}",
             record_outcome=" ".join(filter(None, [link.previous_status,
                                                   link.previous_error_code])),
+            error_code=link.previous_error_code, error_message=link.previous_error_message,
             detail=" ".join(filter(None, [
                 link.previous_error_code, link.previous_error_message,
                 f"reason: {link.run.reason}" if link.run.reason else "",
@@ -143,16 +166,34 @@ def record_history(record: UsageRecord) -> list[HistoryEntry]:
             for i, entry in enumerate(entries)]
 
 
+def _lists(call: SyncActivity, record: UsageRecord) -> bool | None:
+    """Whether the call's entry names the record: True, False, or None (it cannot tell)."""
+    ids = call.details.get("client_record_ids")
+    if ids is None:
+        return None
+    if record.client_record_id in ids:
+        return True
+    # An entry keeps the first CALL_IDS_KEPT ids of a call; a longer one may have carried it.
+    return None if len(ids) < call.details.get("sent", len(ids)) else False
+
+
+def _may_carry(call: SyncActivity, record: UsageRecord) -> bool:
+    """An unlisted call of the batch could have carried the record unless the record was
+    already settled by then."""
+    return record.completed_at is None or call.created_at <= record.completed_at
+
+
 def _with_record_outcome(entry: HistoryEntry, later: list[HistoryEntry],
                          record: UsageRecord) -> HistoryEntry:
-    """A call's outcome for this record: what the next reprocess found it in, or for the
-    last call the record's status now (the call's own status covers all its records)."""
-    if entry.kind != "call":
+    """A listed call's outcome for this record: what the reprocess right after it found
+    the record in, or for the last entry the record's status now (the call's own status
+    covers all its records). Another call in between leaves it untold."""
+    if entry.kind != "call" or not entry.listed:
         return entry
-    following = next((e for e in later if e.kind == "reprocess"), None)
-    if following:
+    following = later[0] if later else None
+    if following and following.kind == "reprocess":
         outcome = following.record_outcome
-    elif any(e.kind == "call" for e in later) or record.status == "PENDING":
+    elif following or record.status == "PENDING":
         return entry
     else:
         outcome = " ".join(filter(None, [record.status, record.sync_error_code]))

@@ -42,7 +42,17 @@ class HistorySerializer(serializers.Serializer):
     at = serializers.DateTimeField()
     kind = serializers.ChoiceField(choices=["call", "reprocess"])
     title = serializers.CharField()
-    outcome = serializers.CharField()
+    outcome = serializers.CharField(help_text="The call's status, or what the run queued from.")
+    record_outcome = serializers.CharField(
+        help_text="What the call left this record as (e.g. ERROR 1009); empty when it "
+        "cannot be told.")
+    receipt_id = serializers.CharField(help_text="The call's client_receipt_id.")
+    error_code = serializers.CharField()
+    error_message = serializers.CharField()
+    activity_id = serializers.IntegerField(allow_null=True,
+                                           help_text="The call's activity log entry.")
+    listed = serializers.BooleanField(
+        help_text="False when the call's entry does not list the records it carried.")
     detail = serializers.CharField()
 
 

@@ -3,6 +3,7 @@
 from django.core.paginator import Paginator
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views import View
 
 from usage_sync.models import AggregatedBatch, UsageEvent, UsageRecord
@@ -57,7 +58,7 @@ class EventDetailView(ConsoleMixin, View):
         return render(request, "reprocess/trail_event.html", {
             "event": event,
             "closes_at": None if event.record_id else trail.window_closes_at(event),
-            "section": "usage", "nav": "records",
+            "now": timezone.now(), "section": "usage", "nav": "records",
         })
 
 

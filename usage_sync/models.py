@@ -6,6 +6,7 @@ from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import connection, models, transaction
 from django.db.models import Q
+from django.db.models.fields.json import KeyTransform
 from django.utils import timezone
 
 
@@ -209,6 +210,10 @@ class UsageRecord(models.Model):
             models.Index(fields=["batch", "status", "sync_error_code"], name="record_batch_status"),
             # Account view and the records filter by account.
             models.Index(fields=["client_acct_id", "status"], name="record_account_status"),
+            # The same by Aria account number, and the trail's search for one; most records
+            # name the account by client_acct_id only, so the index skips those.
+            models.Index(fields=["acct_no"], name="record_acct_no",
+                         condition=Q(acct_no__isnull=False)),
         ]
 
     def __str__(self):
@@ -364,6 +369,11 @@ class SyncActivity(models.Model):
             # Activity log filtered by status and date, latest first.
             models.Index(fields=["status", "-created_at"], name="activity_status_created"),
             models.Index(fields=["-created_at"], name="activity_created"),
+            # The trail: a call by its receipt id, and the entry of a reprocess run.
+            models.Index(KeyTransform("client_receipt_id", "details"), name="activity_receipt",
+                         condition=Q(batch__isnull=False)),
+            models.Index(KeyTransform("run_id", "details"), name="activity_reprocess_run",
+                         condition=Q(action_name="REPROCESS")),
         ]
 
     def __str__(self):

@@ -3,15 +3,17 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import requests
 import responses
 from django.urls import reverse
+from django.utils import timezone
 
 from reprocess import trail
 from reprocess.reprocess import reprocess_run_create
 from usage_sync.aggregation import aggregate_usage
 from usage_sync.billing import AriaClient
 from usage_sync.ingest import store_events, validate_events
-from usage_sync.models import UsageEvent, UsageRecord
+from usage_sync.models import SyncActivity, UsageEvent, UsageRecord
 from usage_sync.sync import sync_batch
 
 pytestmark = pytest.mark.django_db
@@ -64,6 +66,17 @@ def test_it_recognises_each_kind_of_name(synced):
     assert kinds("nobody") == [] and kinds("") == [] and kinds("x" * 500) == []
 
 
+def test_only_plain_ascii_numbers_name_a_batch_or_an_account_number(synced):
+    batch = str(synced.batch_id)
+    arabic_indic = "".join(chr(0x0660 + int(d)) for d in batch)
+    full_width = "".join(chr(0xFF10 + int(d)) for d in batch)
+    UsageRecord.objects.filter(pk=synced.pk).update(acct_no=9_223_372_036_854_775_807)
+
+    assert kinds(arabic_indic) == [] and kinds(full_width) == [] and kinds("0" + batch) == []
+    assert kinds("9223372036854775807") == ["account"]  # 19 digits: the largest bigint
+    assert kinds("9223372036854775808") == []
+
+
 def test_the_search_lands_on_the_one_match_or_lists_them(console, synced):
     response = console.get(reverse("console:search"), {"q": "WHALE-9-2"})
     assert response.status_code == 302
@@ -110,10 +123,74 @@ def test_the_event_page_says_where_the_event_went_or_when_its_window_closes(cons
         "usage_units": "1", "usage_date": "2026-12-01T10:20:00Z",
     }])
     store_events(events)
-    waiting = console.get(reverse("console:event"), {"id": "late-1"}).content.decode()
-    # Hourly windows, 5 minutes of grace: 10:00-11:00 closes at 11:05.
-    assert "waiting for its window to close at 2026-12-01 11:05 UTC" in waiting
+    overdue = console.get(reverse("console:event"), {"id": "late-1"}).content.decode()
+    # Hourly windows, 5 minutes of grace: 10:00-11:00 closed at 11:05.
+    assert "its window closed at 2026-12-01 11:05 UTC" in overdue
+    assert "the next aggregation run takes it in" in overdue
+
+    events, _ = validate_events([{
+        "event_id": "now-1", "client_acct_id": "ACME-1", "usage_type_code": "GB",
+        "usage_units": "1", "usage_date": timezone.now().isoformat(),
+    }])
+    store_events(events)
+    waiting = console.get(reverse("console:event"), {"id": "now-1"}).content.decode()
+    closes_at = trail.window_closes_at(UsageEvent.objects.get(event_id="now-1"))
+    assert f"waiting for its window to close at {closes_at:%Y-%m-%d %H:%M} UTC" in waiting
     assert console.get(reverse("console:event"), {"id": "nobody"}).status_code == 404
+
+
+def test_a_call_is_credited_only_with_what_the_entry_right_after_it_shows(synced):
+    first = synced.batch.activity.get(action_name="BULK_RECORD_USAGE")
+    # An earlier call of the same record that left it in doubt, then the call above.
+    SyncActivity.objects.create(
+        action_name="BULK_RECORD_USAGE", object_name="Batch", batch_id=synced.batch_id,
+        status="ERROR", error_code="TRANSPORT", created_at=first.created_at - timedelta(1),
+        details={"client_receipt_id": "R0", "sent": 2,
+                 "client_record_ids": [synced.client_record_id, "other"]},
+    )
+    reprocess_run_create(level="BATCH", batch_id=synced.batch_id, actor="ops")
+
+    history = trail.record_history(synced)
+
+    assert [(e.receipt_id, e.record_outcome) for e in history if e.kind == "call"] == [
+        ("R0", ""), (first.details["client_receipt_id"], "ERROR 1009")]
+
+
+def test_calls_whose_entry_does_not_list_the_record_are_shown_as_such(synced):
+    synced.batch.activity.update(details={"client_receipt_id": "R1", "sent": 3000,
+                                          "client_record_ids": ["AU-someone-else"] * 2000})
+    SyncActivity.objects.create(
+        action_name="BULK_RECORD_USAGE", object_name="Batch", batch_id=synced.batch_id,
+        status="ERROR", error_code="TRANSPORT", details={"client_receipt_id": "R2"},
+    )
+    SyncActivity.objects.create(
+        action_name="BULK_RECORD_USAGE", object_name="Batch", batch_id=synced.batch_id,
+        status="ERROR", details={"client_receipt_id": "R3", "sent": 1,
+                                 "client_record_ids": ["AU-someone-else"]},
+    )
+
+    history = trail.record_history(synced)
+
+    assert [(e.receipt_id, e.listed, e.record_outcome) for e in history] == [
+        ("R1", False, ""), ("R2", False, "")]
+    assert all("does not list the records" in e.detail for e in history)
+
+
+def test_a_call_that_failed_in_transit_names_the_records_it_carried(published):
+    raw = [{"event_id": f"t-{n}", "client_acct_id": "ACME-1", "usage_type_code": "GB",
+            "usage_units": "1", "usage_date": DAY.isoformat()} for n in range(2)]
+    events, _ = validate_events(raw)
+    store_events(events)
+    [batch_id] = aggregate_usage(now=DAY + timedelta(days=1)).batch_ids
+    record = UsageRecord.objects.get(batch_id=batch_id)
+    with responses.RequestsMock() as aria:
+        aria.post(URL, body=requests.ReadTimeout("no answer"))
+        sync_batch(batch_id=batch_id, client=AriaClient(url=URL, client_no=1, auth_key="k"))
+
+    [call] = trail.record_history(record)
+
+    assert (call.error_code, call.listed) == ("TRANSPORT", True)
+    assert call.receipt_id.startswith(f"AUB{batch_id}-")
 
 
 def test_the_batch_page_shows_its_calls_and_reprocesses_and_links_its_records(console, synced):
@@ -133,7 +210,10 @@ def test_the_api_traces_and_gives_a_record_trail_and_an_event(api_client, synced
 
     record = api_client.get(f"/api/v1/records/{synced.pk}/trail/").json()
     assert record["record"]["status"] == "ERROR"
-    assert [h["kind"] for h in record["history"]] == ["call"]
+    [call] = record["history"]
+    assert (call["kind"], call["outcome"], call["record_outcome"], call["error_code"],
+            call["listed"]) == ("call", "PARTIAL", "ERROR 1009", "1009", True)
+    assert call["receipt_id"].startswith(f"AUB{synced.batch_id}-") and call["activity_id"]
     assert record["events"] == {"count": 3, "usage_units": "4.500000", "amount": "6.75",
                                 "agree": True}
 
