@@ -2,8 +2,8 @@
 a receipt id, a batch id, an account) to the events, the record, the batch and the calls.
 
 Every lookup goes through an index: events by event_id (unique) and by record (the
-foreign key's index), records by client_record_id (unique) and by account, calls by batch
-(the activity log's batch index, then its JSON details).
+foreign key's index), records by client_record_id (unique) and by account (name or
+number), calls by batch and by receipt id, reprocess entries by run id.
 """
 
 from __future__ import annotations
