@@ -5,6 +5,7 @@ them in the environment. A malformed value fails loudly at start.
 """
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import environ
@@ -136,6 +137,10 @@ STORAGES = {
         if DEBUG else "whitenoise.storage.CompressedManifestStaticFilesStorage"
     },
 }
+if DEBUG:
+    # WhiteNoise warns that STATIC_ROOT does not exist; in development nothing is collected
+    # there on purpose (the files come from the apps), so the warning is only noise.
+    warnings.filterwarnings("ignore", message="No directory at", module="whitenoise.base")
 
 # Ingest accepts lists of up to 10,000 events; a JSON body of that size is a few MB.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=8 * 1024 * 1024)
