@@ -10,13 +10,14 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 
 import pytest
 import responses
 
 from allegro.logging import RoutineCeleryLines, logging_config, redact_url
-from tests.services import ROOT
+from tests.services import ROOT, redis_db_url
 from usage_sync.aggregation import aggregate_usage
 from usage_sync.billing import AriaClient
 from usage_sync.ingest import store_events, validate_events
@@ -133,7 +134,8 @@ def test_a_celery_worker_logs_json_lines_too(tmp_path):
     env = {
         **os.environ,
         "LOG_FORMAT": "json",
-        "REDIS_URL": "redis://127.0.0.1:6379/10",
+        # The Redis `make test` found or started (not necessarily the machine's).
+        "REDIS_URL": redis_db_url(10),
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -148,8 +150,12 @@ def test_a_celery_worker_logs_json_lines_too(tmp_path):
     reader = threading.Thread(target=lambda: [lines.put(x) for x in worker.stdout], daemon=True)
     reader.start()
     seen = []
+    # A worker that cannot reach its broker logs retries forever: wait for "ready." until
+    # a deadline, not for a quiet moment.
+    deadline = time.monotonic() + 60
     try:
         while not any('"celery.apps.worker"' in line and "ready." in line for line in seen):
+            assert time.monotonic() < deadline, "the worker never got ready:\n" + "".join(seen)
             seen.append(lines.get(timeout=30))
     finally:
         worker.terminate()
