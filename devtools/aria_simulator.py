@@ -232,11 +232,12 @@ class SimulatorConfig:
         for name in ("latency_seconds", "late_store_seconds"):
             if name in changes:
                 setattr(new, name, _config_latency(changes[name], name))
-        if "error_rate" in changes:
-            rate = _config_seconds(changes["error_rate"], "error_rate")
-            if rate > 1:
-                raise ConfigError("error_rate must be between 0 and 1")
-            new.error_rate = rate
+        for name in ("error_rate", "malformed_rate"):
+            if name in changes:
+                rate = _config_seconds(changes[name], name)
+                if rate > 1:
+                    raise ConfigError(f"{name} must be between 0 and 1")
+                setattr(new, name, rate)
         if "seed" in changes:
             seed = changes["seed"]
             new.seed = None if seed is None else _config_long(seed, "seed")
@@ -244,17 +245,12 @@ class SimulatorConfig:
             new.late_answer_seconds = _config_seconds(
                 changes["late_answer_seconds"], "late_answer_seconds"
             )
-        if "fail_next_n" in changes:
-            count = _config_long(changes["fail_next_n"], "fail_next_n")
-            if count < 0:
-                raise ConfigError("fail_next_n must not be negative")
-            new.fail_next_n = count
         if "partial_error_code" in changes:
             code = changes["partial_error_code"]
             new.partial_error_code = (
                 None if code is None else _config_long(code, "partial_error_code")
             )
-        for name in ("flap_fail_calls", "flap_pass_calls", "malformed_next_n"):
+        for name in ("fail_next_n", "flap_fail_calls", "flap_pass_calls", "malformed_next_n"):
             if name in changes:
                 count = _config_long(changes[name], name)
                 if count < 0:
@@ -265,11 +261,6 @@ class SimulatorConfig:
                 if not isinstance(changes[name], bool):
                     raise ConfigError(f"{name} must be true or false")
                 setattr(new, name, changes[name])
-        if "malformed_rate" in changes:
-            rate = _config_seconds(changes["malformed_rate"], "malformed_rate")
-            if rate > 1:
-                raise ConfigError("malformed_rate must be between 0 and 1")
-            new.malformed_rate = rate
         if "bogus_error_records" in changes:
             new.bogus_error_records = _config_bogus(changes["bogus_error_records"])
         self.__dict__.update(new.__dict__)

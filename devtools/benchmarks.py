@@ -439,7 +439,7 @@ def bench_aggregation(
     first reads the freshly written table from disk, and aggregate_usage then reads it warm
     too. Each statement of the aggregation run is timed through a Django execute wrapper.
     """
-    config = _configure_aggregation()
+    config = configure_aggregation()
     now = timezone.now()
     boundary = window_boundary(now=now, frequency=config.frequency, grace=config.lateness_grace)
     _truncate(UsageEvent, UsageRecord, AggregatedBatch)
@@ -499,8 +499,10 @@ def bench_aggregation(
     }
 
 
-def _configure_aggregation() -> AggregationConfig:
-    # Pinned, so a change of the defaults does not silently change what is measured.
+def configure_aggregation(**overrides) -> AggregationConfig:
+    """Pin the aggregation configuration, so a change of the defaults does not silently
+    change what is measured: hourly windows, batches of 1,000, 5 minutes of grace, no
+    qualifier grouping, unless `overrides` say otherwise."""
     AggregationConfig.objects.update_or_create(
         pk=1,
         defaults={
@@ -512,6 +514,7 @@ def _configure_aggregation() -> AggregationConfig:
             "group_by_qualifier_3": False,
             "group_by_qualifier_4": False,
             "enabled": True,
+            **overrides,
         },
     )
     return AggregationConfig.load()
@@ -730,7 +733,7 @@ def _aggregate_sync_records(records: int, *, account_prefix: str = "BENCH-") -> 
     groups, so aggregation makes one record of each and fills whole batches. The accounts
     are `account_prefix` followed by 000 … 009 (BENCH-: those the simulator knows).
     """
-    config = _configure_aggregation()
+    config = configure_aggregation()
     windows = math.ceil(records / SYNC_BATCH_SIZE)
     now = timezone.now()
     boundary = window_boundary(now=now, frequency=config.frequency, grace=config.lateness_grace)

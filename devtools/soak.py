@@ -77,6 +77,7 @@ from .benchmarks import (
     _tansu,
     _TreeMemory,
     bench_redis_url,
+    configure_aggregation,
     machine_facts,
 )
 
@@ -126,7 +127,9 @@ def soak(
     The processes' logs go to `logs` when given (kept), else to a temporary directory.
     """
     machine = machine_facts()
-    config = _configure_aggregation()
+    # The shortest windows and no grace: windows close while the soak runs.
+    config = configure_aggregation(frequency_minutes=AggregationConfig.Frequency.MIN_5,
+                                   lateness_grace_minutes=0, last_run_at=None)
     token = _ingest_token()
     operator = _operator()
     errors = _Errors()
@@ -530,25 +533,6 @@ def _make_aggregation_due() -> bool:
 
 
 # --- set-up and results --------------------------------------------------------------------
-
-
-def _configure_aggregation() -> AggregationConfig:
-    # The shortest windows and no grace: windows close while the soak runs.
-    AggregationConfig.objects.update_or_create(
-        pk=1,
-        defaults={
-            "frequency_minutes": AggregationConfig.Frequency.MIN_5,
-            "batch_size": 1000,
-            "lateness_grace_minutes": 0,
-            "group_by_qualifier_1": False,
-            "group_by_qualifier_2": False,
-            "group_by_qualifier_3": False,
-            "group_by_qualifier_4": False,
-            "enabled": True,
-            "last_run_at": None,
-        },
-    )
-    return AggregationConfig.load()
 
 
 def _ingest_token() -> str:

@@ -1,17 +1,12 @@
 """The bench command: JSON lines on stdout, in a database of its own that it always drops."""
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import uuid
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 
-from devtools.benchmarks import database_exists, server_settings
+from tests.devtools.commands import command_database_exists, own_database_name, run_command
 
 INGEST_KEYS = {
     "benchmark", "events", "requests", "clients", "server", "seconds", "events_per_s",
@@ -37,37 +32,11 @@ REPROCESS_KEYS = {
 
 @pytest.fixture
 def database_name():
-    """Name a bench database of this test's own, so a real `make bench` is left alone."""
-    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
-        pytest.skip("needs PostgreSQL (set DATABASE_URL)")
-    return f"allegro_bench_test_{uuid.uuid4().hex[:12]}"
+    return own_database_name("bench")
 
 
 def bench(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "manage.py", "bench", *args]
-    process = subprocess.Popen(
-        command,
-        cwd=settings.BASE_DIR,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.terminate()  # the command stops its gunicorn and drops its database
-        try:
-            process.communicate(timeout=60)
-        finally:
-            os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"bench did not finish within {timeout:.0f} s")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
-def bench_database_exists(name: str) -> bool:
-    return database_exists(name=name, server=server_settings(settings.DATABASES["default"]))
+    return run_command("bench", *args, timeout=timeout, grace=60, env=env)
 
 
 def processes_using(database_name: str) -> list[int]:
@@ -106,7 +75,7 @@ def test_it_prints_a_json_line_per_run_and_drops_its_database(database_name):
         aggregation["statements_seconds"]
     )
     assert {"cpu_count", "postgresql"} <= results[0]["machine"].keys()
-    assert not bench_database_exists(database_name)
+    assert not command_database_exists(database_name)
 
 
 def test_it_drops_its_database_when_a_benchmark_fails(database_name):
@@ -119,7 +88,7 @@ def test_it_drops_its_database_when_a_benchmark_fails(database_name):
     assert run.returncode != 0
     assert run.stdout == ""
     assert "ingest answered 413" in run.stderr  # the body is over the limit
-    assert not bench_database_exists(database_name)
+    assert not command_database_exists(database_name)
 
 
 def test_it_syncs_through_a_worker_bills_each_record_once_and_stops_what_it_started(
@@ -135,7 +104,7 @@ def test_it_syncs_through_a_worker_bills_each_record_once_and_stops_what_it_star
     assert result["billed_once"] is True
     assert result["records_per_s"] > 0 and result["bare_records_per_s"] > 0
     assert result["worker_peak_rss_mb"] >= result["worker_peak_pss_mb"] > 0
-    assert not bench_database_exists(database_name)
+    assert not command_database_exists(database_name)
     assert processes_using(database_name) == []
 
 
@@ -154,7 +123,7 @@ def test_it_reprocesses_all_error_records_and_resyncs_each_once(database_name):
     assert result["batches_incomplete"] == 0
     assert result["billed_once"] is True
     assert "set to ERROR 1009 by one UPDATE" in run.stderr
-    assert not bench_database_exists(database_name)
+    assert not command_database_exists(database_name)
     assert processes_using(database_name) == []
 
 
@@ -174,4 +143,4 @@ def test_it_times_the_console_pages(database_name):
         "incomplete_batches", "batch_summary", "batch_page", "records_by_batch",
         "records_by_status", "record_page", "event_lookup", "trace_search"}
     assert all({"p50_ms", "p95_ms"} <= set(p) for p in result["pages"].values())
-    assert not bench_database_exists(database_name)
+    assert not command_database_exists(database_name)

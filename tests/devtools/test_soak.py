@@ -1,16 +1,11 @@
 """The soak command end to end: real processes, JSON lines, invariants checked."""
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import uuid
 
 import pytest
-from django.conf import settings
 
-from devtools.benchmarks import database_exists, server_settings
+from tests.devtools.commands import command_database_exists, own_database_name, run_command
 
 pytestmark = pytest.mark.e2e
 
@@ -37,28 +32,11 @@ KEYS = {
 
 @pytest.fixture
 def database_name():
-    """Name a soak database of this test's own, so a real `make soak` is left alone."""
-    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
-        pytest.skip("needs PostgreSQL (set DATABASE_URL)")
-    return f"allegro_soak_test_{uuid.uuid4().hex[:12]}"
+    return own_database_name("soak")
 
 
 def soak(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    command = [sys.executable, "manage.py", "soak", *args]
-    process = subprocess.Popen(
-        command, cwd=settings.BASE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.terminate()  # the command stops its processes and drops its database
-        try:
-            process.communicate(timeout=120)
-        finally:
-            os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"soak did not finish within {timeout:.0f} s")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return run_command("soak", *args, timeout=timeout, grace=120)
 
 
 def test_a_short_soak_ingests_syncs_reads_the_console_and_reconciles(database_name):
@@ -93,6 +71,4 @@ def test_a_short_soak_ingests_syncs_reads_the_console_and_reconciles(database_na
     assert summary["invariants"]["checked"]["records_complete"] == (
         sync["records_by_status"]["COMPLETE"]
     )
-    assert not database_exists(
-        name=database_name, server=server_settings(settings.DATABASES["default"])
-    )
+    assert not command_database_exists(database_name)

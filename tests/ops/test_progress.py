@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 import termios
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -17,8 +16,8 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from allegro.progress import progress
-from devtools.benchmarks import database_exists, server_settings
 from reprocess.models import ReprocessRun
+from tests.devtools.commands import command_database_exists, own_database_name
 from tests.factories import UsageEventFactory, make_batch
 from usage_sync.models import RecordStatus, UsageRecord
 
@@ -199,9 +198,7 @@ def test_reprocess_wait_refuses_a_dry_run(published):
 
 
 def test_bench_draws_its_bar_on_a_terminal_stderr_and_keeps_stdout_json_lines():
-    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
-        pytest.skip("needs PostgreSQL (set DATABASE_URL)")
-    name = f"allegro_bench_test_{uuid.uuid4().hex[:12]}"
+    name = own_database_name("bench")
     main, child = pty.openpty()
     # A terminal of 120 columns (a fresh pty has none, and tqdm would draw an empty bar).
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
@@ -233,13 +230,11 @@ def test_bench_draws_its_bar_on_a_terminal_stderr_and_keeps_stdout_json_lines():
     # The note names the phase under way.
     assert "console: seeding 300 records" in screen
     assert "console: timing the pages" in screen
-    assert not database_exists(name=name, server=server_settings(settings.DATABASES["default"]))
+    assert not command_database_exists(name)
 
 
 def test_bench_writes_no_bar_when_stderr_is_not_a_terminal():
-    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
-        pytest.skip("needs PostgreSQL (set DATABASE_URL)")
-    name = f"allegro_bench_test_{uuid.uuid4().hex[:12]}"
+    name = own_database_name("bench")
     run = subprocess.run(
         [sys.executable, "manage.py", "bench", "--only", "console", "--records", "300",
          "--database-name", name],
