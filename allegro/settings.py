@@ -191,6 +191,8 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
+# Where tasks are sent; workers take it unless started with --queues.
+CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_TASK_DEFAULT_QUEUE", default="celery")
 CELERY_BEAT_SCHEDULE = {
     "aggregate-usage": {"task": "usage_sync.tasks.aggregate_usage_if_due", "schedule": 60.0},
     # The sweep publishes what was never published, was lost, or is due for a retry.
@@ -250,6 +252,18 @@ KAFKA_STATIC_MEMBERSHIP = env.bool("KAFKA_STATIC_MEMBERSHIP", default=True)
 # Kafka consumer processes each Celery worker runs beside its pool, for the worker's life
 # (usage_sync/consumer.py); they take no pool slot. 0: a worker that does not sync.
 SYNC_CONSUMERS_PER_WORKER = env.int("SYNC_CONSUMERS_PER_WORKER", default=2)
+
+# Reprocess (reprocess/reprocess.py): a run of up to REPROCESS_INLINE_RECORDS records is
+# queued within its request (a few tens of milliseconds); a larger one by a Celery task,
+# REPROCESS_CHUNK_RECORDS per transaction, so locks stay short and syncing starts with the
+# first chunk. A run still queueing this long after it was asked for is resumed by beat.
+REPROCESS_INLINE_RECORDS = env.int("REPROCESS_INLINE_RECORDS", default=5000)
+REPROCESS_CHUNK_RECORDS = env.int("REPROCESS_CHUNK_RECORDS", default=20_000)
+REPROCESS_RESUME_AFTER_SECONDS = env.float("REPROCESS_RESUME_AFTER_SECONDS", default=60.0)
+CELERY_BEAT_SCHEDULE["resume-reprocess-runs"] = {
+    "task": "reprocess.tasks.resume_reprocess_runs",
+    "schedule": min(30.0, REPROCESS_RESUME_AFTER_SECONDS),
+}
 
 # Logs: one JSON object per line in production, readable text lines when developing
 # (allegro/logging.py); Celery worker and beat use the same (allegro/celery.py).

@@ -178,8 +178,14 @@ class ErrorSummaryReprocessInputSerializer(ReprocessInputSerializer):
 class ReprocessQueuedSerializer(serializers.Serializer):
     run_id = serializers.IntegerField(allow_null=True, help_text="null for a dry run.")
     dry_run = serializers.BooleanField()
-    records = serializers.IntegerField(help_text="Records queued (or that would be).")
-    batches = serializers.IntegerField(help_text="Batches queued (or that would be).")
+    queued = serializers.BooleanField(
+        help_text="true: the records are queued, `records` and `batches` count them. false: "
+                  "a dry run, or a large run queueing in the background (follow it at "
+                  "/api/v1/reprocess/{run_id}/); `records` and `batches` are then the most "
+                  "it will queue, from the batch counters."
+    )
+    records = serializers.IntegerField(help_text="Records queued (or at most, see `queued`).")
+    batches = serializers.IntegerField(help_text="Batches queued (or at most, see `queued`).")
 
 
 def _reprocess_schema(request):
@@ -214,8 +220,12 @@ class ReprocessApi(APIView):
             )
         except ReprocessError as exc:
             return Response({"detail": exc.message}, status=ERROR_STATUS[exc.kind])
-        body = {"run_id": run.pk, "dry_run": data["dry_run"], "records": run.records_selected,
-                "batches": run.batches_selected}
+        queued = run.is_queued
+        body = {
+            "run_id": run.pk, "dry_run": data["dry_run"], "queued": queued,
+            "records": run.records_selected if queued else run.records_expected,
+            "batches": run.batches_selected if queued else run.batches_expected,
+        }
         return Response(ReprocessQueuedSerializer(body).data, status=status.HTTP_202_ACCEPTED)
 
 
@@ -263,13 +273,18 @@ class ReprocessRunDetailApi(APIView):
             },
             source="current_progress",
         )
+        queued = serializers.BooleanField(
+            source="is_queued",
+            help_text="false while a large run is still queueing its records (chunk by chunk).",
+        )
         finished = serializers.BooleanField(source="is_finished")
 
         class Meta:
             model = ReprocessRun
             fields = ["id", "level", "batch", "error_code", "status", "object_name", "actor",
-                      "reason", "records_selected", "batches_selected", "created_at",
-                      "finished_at", "finished", "progress"]
+                      "reason", "records_expected", "batches_expected", "records_selected",
+                      "batches_selected", "created_at", "queued_at", "queued", "finished_at",
+                      "finished", "progress"]
 
     @extend_schema(responses={200: RunSerializer, 404: Detail})
     def get(self, request, run_id: int):

@@ -32,10 +32,17 @@ class ReprocessRun(models.Model):
     status = models.CharField(max_length=16, choices=RecordStatus.choices, blank=True, default="")
     actor = models.CharField(max_length=150)
     reason = models.TextField(blank=True, default="")
+    # At most this many, from the batch counters when the run was asked for.
+    records_expected = models.PositiveIntegerField(default=0)
+    batches_expected = models.PositiveIntegerField(default=0)
+    # Queued so far; final once queued_at is set.
     records_selected = models.PositiveIntegerField(default=0)
     batches_selected = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
-    # Set the first time progress is read with nothing of the run left PENDING.
+    # The last batch id the queueing went through (it goes in id order, chunk by chunk).
+    queue_cursor = models.BigIntegerField(default=0)
+    queued_at = models.DateTimeField(null=True, blank=True)
+    # Set the first time progress is read with the run queued and none of it PENDING.
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -54,6 +61,10 @@ class ReprocessRun(models.Model):
         if self.level == ReprocessLevel.ERROR_SUMMARY:
             parts += [p for p in (self.error_code, self.status) if p]
         return " · ".join(parts)
+
+    @property
+    def is_queued(self) -> bool:
+        return self.queued_at is not None
 
     @property
     def is_finished(self) -> bool:
@@ -76,11 +87,13 @@ class ReprocessRun(models.Model):
         }
 
     def mark_finished(self, progress: dict[str, int]) -> None:
-        """Stamp finished_at once nothing of the run is PENDING (compare-and-set)."""
-        if progress["pending"] or self.finished_at:
+        """Stamp finished_at once the run is queued and none of it PENDING (compare-and-set)."""
+        if progress["pending"] or self.finished_at or not self.queued_at:
             return
         now = timezone.now()
-        if ReprocessRun.objects.filter(pk=self.pk, finished_at__isnull=True).update(
+        if ReprocessRun.objects.filter(
+            pk=self.pk, finished_at__isnull=True, queued_at__isnull=False
+        ).update(
             finished_at=now
         ):
             self.finished_at = now

@@ -6,28 +6,33 @@ stale PENDING records as they are (sync_batch reconciles those in doubt with cor
 before it re-sends anything), recomputes the counters of the batches concerned, and puts
 their ids on the topic after commit. The sync path then does what it always does.
 
+A request only records the run, with the count the batch counters give (`records_expected`);
+the queueing itself (`queue_run`) goes through the scope's batches in id order, a chunk of
+about REPROCESS_CHUNK_RECORDS records per transaction, publishing each chunk after its
+commit. A small scope (up to REPROCESS_INLINE_RECORDS) is queued within the request; a
+larger one by a Celery task, so the request answers at once whatever the scope's size.
+
 Guards:
 - COMPLETE and IGNORED records are never selected.
 - A batch whose sync call is under way (IN_PROCESS with a fresh claim) is left alone: its
   records are in flight, and flipping its status would let a second worker claim it.
-- Two requests for overlapping scopes queue each record once (see `_lock_batches`).
+- Two runs over overlapping scopes queue each record once (see `_lock_batches`).
+- A chunk holds its run's row lock and moves the run's cursor past its batches in the same
+  transaction: a task run twice, or resumed after a crash, never queues a batch twice.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
+from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, Exists, Min, OuterRef, Q, Value
+from django.db.models import Count, Min, Sum
 from django.utils import timezone
 
 from usage_sync import publishing
-from usage_sync.models import (
-    AggregatedBatch,
-    RecordStatus,
-    SyncActivity,
-    UsageRecord,
-)
+from usage_sync.models import AggregatedBatch, RecordStatus, SyncActivity, UsageRecord
 
 from . import metrics
 from .models import ReprocessLevel, ReprocessRun, ReprocessRunRecord
@@ -36,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 REPROCESSABLE = (RecordStatus.ERROR, RecordStatus.PENDING)
 PUBLISH_TIMEOUT_SECONDS = 5.0
+# Candidate batches read per chunk at most (their records add up to the chunk's size first
+# unless batches are small).
+_CHUNK_BATCHES = 1000
 
 
 class ReprocessError(Exception):
@@ -56,11 +64,15 @@ def reprocess_run_create(
     actor: str,
     reason: str = "",
     dry_run: bool = False,
+    defer: bool = True,
 ) -> ReprocessRun:
-    """Queue the records of one scope for another sync; return the run.
+    """Record a reprocess run over one scope and have its records queued; return the run.
 
-    With `dry_run` nothing changes and the returned run is not saved (pk None): its
-    records_selected and batches_selected say what a real run would queue now.
+    The run's `records_expected` and `batches_expected` come from the batch counters: at
+    most that many are queued (PENDING records a run queued already are not queued again).
+    With `dry_run` nothing changes and the run is not saved (pk None). A scope of up to
+    REPROCESS_INLINE_RECORDS, or any scope with `defer=False`, is queued before this
+    returns; a larger one by the `queue_reprocess_run` task after commit.
     """
     run = ReprocessRun(
         level=_valid_level(level),
@@ -71,32 +83,43 @@ def reprocess_run_create(
         reason=reason,
     )
     _validate_scope(run)
+    _expect(run)
     if dry_run:
-        records = _selectable(run, _free(run, _candidate_batches(run)))
-        run.records_selected = records.count()
-        run.batches_selected = records.values("batch_id").distinct().count()
         return run
     with transaction.atomic():
+        if run.level != ReprocessLevel.ALL and not _free([run.batch_id]):
+            # Refused at once rather than recorded and left waiting: the operator retries.
+            raise _in_flight(run)
         run.save()
-        free_ids = _lock_batches(run)
-        batch_ids = _queue(run, free_ids)
-        run.records_selected = ReprocessRunRecord.objects.filter(run=run).count()
-        run.batches_selected = len(batch_ids)
-        run.finished_at = None if run.records_selected else run.created_at
-        run.save(update_fields=["records_selected", "batches_selected", "finished_at"])
-        _log_activity(run, batch_ids)
-        transaction.on_commit(lambda: _publish(run.pk, batch_ids))
         transaction.on_commit(lambda: metrics.REPROCESS_RUNS.labels(run.level).inc())
+    if not defer or run.records_expected <= settings.REPROCESS_INLINE_RECORDS:
+        queue_run(run.pk)
+    else:
+        transaction.on_commit(lambda: _start(run.pk))
+    run.refresh_from_db()
     logger.info(
-        "reprocess run %s (%s) by %s: %d records in %d batches queued",
-        run.pk,
-        run.object_name,
-        actor,
-        run.records_selected,
-        run.batches_selected,
-        extra={"reprocess_run_id": run.pk, "records": run.records_selected},
+        "reprocess run %s (%s) by %s: %s",
+        run.pk, run.object_name, actor,
+        f"{run.records_selected} records in {run.batches_selected} batches queued"
+        if run.is_queued else f"up to {run.records_expected} records to queue in the background",
+        extra={"reprocess_run_id": run.pk, "records": run.records_expected},
     )
     return run
+
+
+def queue_run(run_id: int) -> None:
+    """Queue what is left of a run, chunk by chunk (the task's body; safe to run twice)."""
+    while not _queue_chunk(run_id):
+        pass
+
+
+def unqueued_runs(*, older_than_seconds: float) -> list[int]:
+    """Runs still queueing that were recorded this long ago: their task may have died."""
+    before = timezone.now() - timedelta(seconds=older_than_seconds)
+    return list(
+        ReprocessRun.objects.filter(queued_at__isnull=True, created_at__lt=before)
+        .order_by("id").values_list("id", flat=True)
+    )
 
 
 def error_summary(batch: AggregatedBatch) -> list[dict]:
@@ -145,14 +168,31 @@ def _validate_scope(run: ReprocessRun) -> None:
             f"{run.status} records have nothing to reprocess: only ERROR and PENDING "
             "records are sent again."
         )
-    group = UsageRecord.objects.filter(
-        batch_id=run.batch_id, status=run.status, sync_error_code=run.error_code
-    )
-    if not group.exists():
+    if not _summary_group(run).exists():
         code = f"error code {run.error_code!r}" if run.error_code else "no error code"
         raise ReprocessError(
             f"Batch {run.batch_id} has no {run.status} records with {code}."
         )
+
+
+def _summary_group(run: ReprocessRun):
+    return UsageRecord.objects.filter(
+        batch_id=run.batch_id, status=run.status, sync_error_code=run.error_code
+    )
+
+
+def _expect(run: ReprocessRun) -> None:
+    """Set what the run will queue at most, from the maintained counters (no record scan;
+    a summary line counts its group through the batch's status index)."""
+    if run.level == ReprocessLevel.ERROR_SUMMARY:
+        run.records_expected = _summary_group(run).count()
+        run.batches_expected = 1 if run.records_expected else 0
+        return
+    totals = _candidate_batches(run).aggregate(
+        batches=Count("id"), records=Sum("pending_count") + Sum("error_count")
+    )
+    run.records_expected = totals["records"] or 0
+    run.batches_expected = totals["batches"] if run.records_expected else 0
 
 
 def _candidate_batches(run: ReprocessRun):
@@ -162,99 +202,171 @@ def _candidate_batches(run: ReprocessRun):
     return AggregatedBatch.objects.filter(pk=run.batch_id)
 
 
-def _lock_batches(run: ReprocessRun) -> list[int]:
-    """Lock the scope's batches in id order; return those not in flight.
+def _start(run_id: int) -> None:
+    """Hand the run to a worker; should that fail, the resume sweep hands it over later."""
+    from .tasks import queue_reprocess_run
 
-    Why this makes overlapping requests queue each record once: every reprocess locks
-    its batches (SELECT … FOR UPDATE, always in id order, so two runs cannot deadlock)
-    before it reads or writes their records, and keeps the locks until commit. A second
-    request for an overlapping scope waits here until the first commits; its statements
+    try:
+        queue_reprocess_run.delay(run_id)
+    except Exception:
+        logger.exception("reprocess run %s: the task could not be sent; the sweep resumes it",
+                         run_id)
+
+
+def _queue_chunk(run_id: int) -> bool:
+    """Queue the run's next chunk of batches in one transaction; return True once the run
+    is all queued (or another task holds it and will finish it)."""
+    with transaction.atomic():
+        run = (
+            ReprocessRun.objects.select_for_update(skip_locked=True)
+            .filter(pk=run_id, queued_at__isnull=True).first()
+        )
+        if run is None:
+            return True
+        chunk, last = _next_chunk(run)
+        free = _lock_batches(chunk)
+        if chunk and not free and run.level != ReprocessLevel.ALL:
+            # Its one batch went into a sync call since the request: the resume sweep
+            # comes back to it (unqueued_runs) once the call is over.
+            return True
+        batch_ids, records = _queue(run, free)
+        run.records_selected += records
+        run.batches_selected += len(batch_ids)
+        run.queue_cursor = chunk[-1] if chunk else run.queue_cursor
+        fields = ["records_selected", "batches_selected", "queue_cursor"]
+        if last:
+            run.queued_at = timezone.now()
+            fields.append("queued_at")
+            if not run.records_selected:
+                run.finished_at = run.queued_at
+                fields.append("finished_at")
+        run.save(update_fields=fields)
+        if last:
+            _log_activity(run)
+        transaction.on_commit(lambda: _publish(run_id, batch_ids))
+    return last
+
+
+def _next_chunk(run: ReprocessRun) -> tuple[list[int], bool]:
+    """The next batches past the cursor whose records add up to about a chunk, in id
+    order, and whether they are the scope's last."""
+    rows = list(
+        _candidate_batches(run).filter(id__gt=run.queue_cursor).order_by("id")
+        .values_list("id", "total_count")[: _CHUNK_BATCHES + 1]
+    )
+    chunk, size = [], 0
+    for batch_id, total in rows:
+        if chunk and size + total > settings.REPROCESS_CHUNK_RECORDS:
+            return chunk, False
+        chunk.append(batch_id)
+        size += total
+    last = len(rows) <= _CHUNK_BATCHES
+    return (chunk, True) if last else (chunk[:_CHUNK_BATCHES], False)
+
+
+def _lock_batches(batch_ids: list[int]) -> list[int]:
+    """Lock these batches in id order; return those not in flight.
+
+    Why this makes overlapping runs queue each record once: every chunk locks its
+    batches (SELECT … FOR UPDATE, always in id order, so two runs cannot deadlock)
+    before it reads or writes their records, and keeps the locks until commit. A chunk of
+    another run over the same batches waits here until the first commits; its statements
     after that see the first one's work: the records it flipped are no longer ERROR, and
-    as PENDING records they are linked to the first run, so `_selectable` skips them.
+    as PENDING records they are linked to the first run, so `_queue` skips them.
     The ERROR → PENDING UPDATE is state-guarded as well, a second line of defence.
     The sync path cannot change these batches' records meanwhile either: it only writes
     records of a batch it claimed, and claiming updates the batch row we hold locked.
     """
-    return _free(run, _candidate_batches(run).select_for_update())
-
-
-def _free(run: ReprocessRun, batches) -> list[int]:
-    """Return the ids of the batches no sync call is working on (no claim, or a stale one)."""
-    rows = list(batches.order_by("id").values_list("id", flat=True))
-    free = list(
-        AggregatedBatch.objects.filter(id__in=rows).claimable(timezone.now())
-        .order_by("id").values_list("id", flat=True)
-    )
-    if run.level != ReprocessLevel.ALL and rows and not free:
-        raise ReprocessError(
-            f"Batch {run.batch_id} is being synced right now; reprocess it when the call "
-            "has finished.",
-            kind="conflict",
-        )
-    return free
-
-
-def _selectable(run: ReprocessRun, batch_ids: list[int]):
-    """The scope's records that may be sent again: ERROR ones, and PENDING ones that no
-    reprocess run queued already (those are queued: each record is counted once)."""
-    queued = ReprocessRunRecord.objects.filter(record_id=OuterRef("pk"))
-    records = UsageRecord.objects.filter(
-        Q(status=RecordStatus.ERROR) | (Q(status=RecordStatus.PENDING) & ~Exists(queued)),
-        batch_id__in=batch_ids,
-    )
-    if run.level == ReprocessLevel.ERROR_SUMMARY:
-        records = records.filter(status=run.status, sync_error_code=run.error_code)
-    return records.order_by()
-
-
-def _queue(run: ReprocessRun, batch_ids: list[int]) -> list[int]:
-    """Link the selected records to the run, flip ERROR to PENDING, recount; return batches."""
     if not batch_ids:
         return []
-    selected = _selectable(run, batch_ids).annotate(run_ref=Value(run.pk)).values_list(
-        "run_ref", "id", "status", "sync_error_code", "sync_error_message"
+    list(AggregatedBatch.objects.filter(id__in=batch_ids).order_by("id")
+         .select_for_update().values_list("id", flat=True))
+    return _free(batch_ids)
+
+
+def _free(batch_ids: list[int]) -> list[int]:
+    """Return the ids of the batches no sync call is working on (no claim, or a stale one)."""
+    return list(
+        AggregatedBatch.objects.filter(id__in=batch_ids).claimable(timezone.now())
+        .order_by("id").values_list("id", flat=True)
     )
-    select_sql, params = selected.query.sql_with_params()
-    table = ReprocessRunRecord._meta.db_table
-    with connection.cursor() as cursor:
-        # INSERT … SELECT: the previous outcome is kept here before the UPDATE clears it.
-        cursor.execute(
-            f"INSERT INTO {table} (run_id, record_id, previous_status, previous_error_code, "
-            f"previous_error_message) {select_sql}",
-            params,
-        )
-    now = timezone.now()
-    scope = Q(batch_id__in=batch_ids)
+
+
+def _in_flight(run: ReprocessRun) -> ReprocessError:
+    return ReprocessError(
+        f"Batch {run.batch_id} is being synced right now; reprocess it when the call "
+        "has finished.",
+        kind="conflict",
+    )
+
+
+# The scope's records that may be sent again: ERROR ones, and PENDING ones no reprocess run
+# queued already (those are queued: each record is counted once). One statement links them
+# to the run, keeping their previous outcome, and flips the ERROR ones to PENDING.
+# sent_at stays as it is: a PENDING record with sent_at set is in doubt, and only
+# sync_batch may clear it, after asking core Aria.
+_QUEUE_SQL = """
+    WITH picked AS (
+        INSERT INTO {links} (run_id, record_id, previous_status, previous_error_code,
+                             previous_error_message)
+        SELECT %(run)s, r.id, r.status, r.sync_error_code, r.sync_error_message
+        FROM {records} r
+        WHERE r.batch_id = ANY(%(batches)s) {summary}
+          AND (r.status = 'ERROR' OR (r.status = 'PENDING' AND NOT EXISTS (
+                SELECT 1 FROM {links} l WHERE l.record_id = r.id)))
+        RETURNING record_id
+    ), flipped AS (
+        UPDATE {records} r
+        SET status = 'PENDING', sync_error_code = '', sync_error_message = '',
+            updated_at = now()
+        FROM picked p
+        WHERE r.id = p.record_id AND r.status = 'ERROR'
+    )
+    SELECT r.batch_id, COUNT(*) FROM picked p JOIN {records} r ON r.id = p.record_id
+    GROUP BY r.batch_id ORDER BY r.batch_id
+"""
+
+
+def _queue(run: ReprocessRun, batch_ids: list[int]) -> tuple[list[int], int]:
+    """Queue the selected records of these batches; recount them; return (batches, records)."""
+    if not batch_ids:
+        return [], 0
+    summary = ""
+    params = {"run": run.pk, "batches": batch_ids}
     if run.level == ReprocessLevel.ERROR_SUMMARY:
-        scope &= Q(status=run.status, sync_error_code=run.error_code)
-    # One state-guarded UPDATE. sent_at stays as it is: a PENDING record with sent_at set
-    # is in doubt, and only sync_batch may clear it, after asking core Aria.
-    UsageRecord.objects.filter(scope, status=RecordStatus.ERROR).update(
-        status=RecordStatus.PENDING, sync_error_code="", sync_error_message="", updated_at=now
+        summary = "AND r.status = %(status)s AND r.sync_error_code = %(code)s"
+        params |= {"status": run.status, "code": run.error_code}
+    sql = _QUEUE_SQL.format(
+        links=ReprocessRunRecord._meta.db_table, records=UsageRecord._meta.db_table,
+        summary=summary,
     )
-    affected = sorted(
-        set(
-            UsageRecord.objects.filter(reprocess_links__run=run)
-            .order_by()
-            .values_list("batch_id", flat=True)
-            .distinct()
-        )
-    )
-    _recount(affected, now=now)
-    return affected
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        counts = cursor.fetchall()
+    affected = [batch_id for batch_id, _ in counts]
+    _recount(affected)
+    return affected, sum(n for _, n in counts)
 
 
-def _recount(batch_ids: list[int], *, now) -> None:
+def _recount(batch_ids: list[int]) -> None:
     """Recount the batches from their records and queue them for the sweep."""
+    if not batch_ids:
+        return
     batches = AggregatedBatch.objects.filter(id__in=batch_ids)
     # Every affected batch has a PENDING record now, so the recount makes it PENDING. A
     # stale claim on it is dropped: its frozen holder, should it wake, then writes nothing.
     batches.recount(release=True)
     # published_at NULL makes the sweep publish it even if the publish after commit fails.
-    batches.update(claim_token=None, published_at=None, next_retry_at=None, updated_at=now)
+    batches.update(
+        claim_token=None, published_at=None, next_retry_at=None, updated_at=timezone.now()
+    )
 
 
-def _log_activity(run: ReprocessRun, batch_ids: list[int]) -> None:
+def _log_activity(run: ReprocessRun) -> None:
+    batch_ids = list(
+        ReprocessRunRecord.objects.filter(run=run).order_by("record__batch_id")
+        .values_list("record__batch_id", flat=True).distinct()[:1000]
+    )
     SyncActivity.objects.create(
         action_name=SyncActivity.Action.REPROCESS,
         object_name=run.object_name,
@@ -271,7 +383,7 @@ def _log_activity(run: ReprocessRun, batch_ids: list[int]) -> None:
             "reason": run.reason,
             "records_selected": run.records_selected,
             "batches_selected": run.batches_selected,
-            "batch_ids": batch_ids[:1000],
+            "batch_ids": batch_ids,
         },
     )
 

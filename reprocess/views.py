@@ -4,6 +4,7 @@ import csv
 from datetime import datetime
 
 from django import forms
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.mixins import PermissionRequiredMixin
 from django.core.exceptions import PermissionDenied
@@ -128,7 +129,7 @@ class ReprocessView(ConsoleMixin, PermissionRequiredMixin, View):
     def get(self, request):
         scope = self.scope(request.GET)
         context = {"section": "usage", "nav": "batches", "scope": scope, "dry_run": None,
-                   "error": None}
+                   "error": None, "inline_records": settings.REPROCESS_INLINE_RECORDS}
         try:
             context["dry_run"] = reprocess_run_create(
                 **scope, actor=request.user.get_username(), dry_run=True
@@ -149,7 +150,10 @@ class ReprocessView(ConsoleMixin, PermissionRequiredMixin, View):
         messages.success(
             request,
             f"Reprocess run {run.pk} ({run.object_name}) queued {run.records_selected} "
-            f"records in {run.batches_selected} batches.",
+            f"records in {run.batches_selected} batches." if run.is_queued else
+            f"Reprocess run {run.pk} ({run.object_name}) is queueing up to "
+            f"{run.records_expected} records in {run.batches_expected} batches in the "
+            "background.",
         )
         return redirect(reverse("console:batches") + f"?run={run.pk}")
 

@@ -138,11 +138,11 @@ def test_the_confirmation_shows_the_dry_run_counts(client):
     batch = make_batch(complete=1, errors={"1009": 2}, pending=1)
     make_batch(errors={"1": 4})
     response = client.get(reverse("console:reprocess"), {"level": "BATCH", "batch": batch.pk})
-    assert response.context["dry_run"].records_selected == 3
-    assert response.context["dry_run"].batches_selected == 1
+    assert response.context["dry_run"].records_expected == 3
+    assert response.context["dry_run"].batches_expected == 1
     everything = client.get(reverse("console:reprocess"), {"level": "ALL"})
-    assert everything.context["dry_run"].records_selected == 7
-    assert everything.context["dry_run"].batches_selected == 2
+    assert everything.context["dry_run"].records_expected == 7
+    assert everything.context["dry_run"].batches_expected == 2
     assert UsageRecord.objects.filter(status=RecordStatus.ERROR).count() == 6
 
 

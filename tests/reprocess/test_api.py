@@ -146,7 +146,8 @@ def test_reprocess_all_answers_202_with_the_run_and_its_counts(operator, user, p
 
     assert response.status_code == 202
     run = ReprocessRun.objects.get()
-    assert response.json() == {"run_id": run.pk, "dry_run": False, "records": 3, "batches": 2}
+    assert response.json() == {"run_id": run.pk, "dry_run": False, "queued": True,
+                               "records": 3, "batches": 2}
     assert (run.actor, run.reason, run.level) == (user.username, "accounts fixed", "ALL")
 
 
@@ -157,7 +158,8 @@ def test_a_dry_run_answers_the_counts_without_a_run(operator, published):
                              format="json")
 
     assert response.status_code == 202
-    assert response.json() == {"run_id": None, "dry_run": True, "records": 2, "batches": 1}
+    assert response.json() == {"run_id": None, "dry_run": True, "queued": False,
+                               "records": 2, "batches": 1}
     assert not ReprocessRun.objects.exists()
     assert UsageRecord.objects.filter(status="ERROR").count() == 2
 

@@ -194,7 +194,7 @@ def test_a_dry_run_counts_and_changes_nothing(published, django_capture_on_commi
         )
 
     assert run.pk is None
-    assert (run.records_selected, run.batches_selected) == (3, 1)
+    assert (run.records_expected, run.batches_expected) == (3, 1)
     assert list(UsageRecord.objects.values_list("id", "status", "sync_error_code", "sent_at")) == (
         before
     )

@@ -44,7 +44,9 @@ def test_a_dry_run_only_counts(published):
 
     output = run("--batch", str(batch.id), "--dry-run")
 
-    assert output.strip() == f"Dry run (Batch {batch.id}): would queue 2 records in 1 batches."
+    assert output.strip() == (
+        f"Dry run (Batch {batch.id}): would queue up to 2 records in 1 batches."
+    )
     assert not ReprocessRun.objects.exists()
     assert UsageRecord.objects.filter(status="ERROR").count() == 2
 

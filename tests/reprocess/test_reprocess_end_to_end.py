@@ -10,8 +10,9 @@ from datetime import UTC, datetime
 import pytest
 import redis
 
+from reprocess import tasks
 from tests.factories import grant_reprocess
-from tests.services import SyncStack, redis_db_url
+from tests.services import SyncStack, redis_db_url, wait_for
 from usage_sync.aggregation import aggregate_usage
 from usage_sync.ingest import store_events, validate_events
 from usage_sync.models import AggregatedBatch, AggregationConfig, UsageRecord
@@ -83,11 +84,12 @@ def record_ids(batch_id: int, **filters) -> set[str]:
 
 
 def test_reprocessing_at_each_level_resends_exactly_the_selected_records_once(
-    pipeline, api_client, user
+    pipeline, api_client, user, settings, monkeypatch
 ):
     grant_reprocess(user)
     b1, b2, b3 = pipeline.ingest_and_aggregate(windows=3)
-    pipeline.start_worker()
+    pipeline.start_worker(env={"REPROCESS_RESUME_AFTER_SECONDS": "1",
+                               "REPROCESS_CHUNK_RECORDS": "1"})
     publish_batches([b1, b2, b3])
     pipeline.wait_until_settled()
 
@@ -129,11 +131,20 @@ def test_reprocessing_at_each_level_resends_exactly_the_selected_records_once(
     assert pipeline.sends() == expected
     assert incomplete_batches(api_client) == [b1, b3]
 
-    # And then everything that is left.
+    # And then everything that is left, as a run too large to queue within its request
+    # whose task the broker loses: the worker's beat resumes it, chunk by chunk.
+    settings.REPROCESS_INLINE_RECORDS = 1
+    monkeypatch.setattr(tasks.queue_reprocess_run, "delay", lambda run_id: None)
     response = api_client.post("/api/v1/reprocess/all/", {}, format="json")
     assert response.status_code == 202
+    assert response.json()["queued"] is False
     assert (response.json()["records"], response.json()["batches"]) == (3, 2)
+    progress = f"/api/v1/reprocess/{response.json()['run_id']}/"
+    wait_for(lambda: api_client.get(progress).json()["queued"], timeout=30,
+             what="the beat to resume the run")
     pipeline.wait_until_settled()
+    run = api_client.get(progress).json()
+    assert (run["records_selected"], run["batches_selected"], run["finished"]) == (3, 2, True)
     expected.update(record_ids(b1, client_acct_id="ACME-002"))
     expected.update(record_ids(b3) - complete)
     assert pipeline.sends() == expected

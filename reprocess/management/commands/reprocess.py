@@ -63,13 +63,15 @@ class Command(BaseCommand):
                 actor=options["actor"],
                 reason=options["reason"],
                 dry_run=options["dry_run"],
+                # A shell is off the request path already: queue here, whatever the size.
+                defer=False,
             )
         except ReprocessError as exc:
             raise CommandError(exc.message) from exc
         if options["dry_run"]:
             self.stdout.write(
-                f"Dry run ({run.object_name}): would queue {run.records_selected} records "
-                f"in {run.batches_selected} batches."
+                f"Dry run ({run.object_name}): would queue up to {run.records_expected} "
+                f"records in {run.batches_expected} batches."
             )
         else:
             self.stdout.write(self.style.SUCCESS(
