@@ -1,8 +1,9 @@
 """Validate raw usage events and store them once per `event_id`.
 
-The API and the file import share this module: one validator, one way to store.
-Validation is hand-written rather than a DRF serializer per item because ingest is the
-hot path (tens of thousands of events a second); the rules are the README's (REST API).
+The API and the file import share this module: one validator, and the rule of what makes
+a re-sent event a duplicate or a conflict. Validation is hand-written rather than a DRF
+serializer per item because ingest is the hot path (tens of thousands of events a
+second); the rules are the README's (REST API).
 """
 
 from __future__ import annotations
@@ -20,11 +21,46 @@ from .events import COLUMNS, FIELDS, ValidEvent
 from .models import UsageEvent
 
 MAX_EVENTS_PER_REQUEST = 10_000
-
-_STRING_LIMITS = {f.name: f.max_length for f in FIELDS if f.kind == "text"}
-# (max digits, decimal places) of the columns the decimals go into.
-_DECIMAL_SHAPES = {f.name: (f.digits, f.places) for f in FIELDS if f.kind == "decimal"}
 KNOWN_FIELDS = frozenset(COLUMNS)
+
+_TEXT_FIELDS = tuple((f.name, f.max_length) for f in FIELDS if f.kind == "text")
+_INT_LIMIT = 2**63
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _DecimalRule:
+    """How a decimal field is checked, from the shape of its column."""
+
+    name: str
+    places: int
+    whole_digits: int  # max digits - decimal places
+    required: bool
+    allow_negative: bool
+    bound: Decimal  # 10 ** whole_digits, computed once: it is read for every event
+    quantum: Decimal  # 10 ** -places
+
+
+def _decimal_rule(field) -> _DecimalRule:
+    whole_digits = field.digits - field.places
+    return _DecimalRule(
+        field.name, field.places, whole_digits, required=field.name == "usage_units",
+        allow_negative=field.name not in ("usage_units", "rate"),
+        bound=Decimal(10) ** whole_digits, quantum=Decimal(1).scaleb(-field.places),
+    )
+
+
+_DECIMAL_RULES = tuple(_decimal_rule(f) for f in FIELDS if f.kind == "decimal")
+
+# validate_row checks the fields in the order its errors are listed (texts, integers and
+# date, decimals); this puts the values back in COLUMNS order.
+_CHECKED = (
+    *(name for name, _ in _TEXT_FIELDS), "acct_no", "usage_type", "usage_date",
+    *(rule.name for rule in _DECIMAL_RULES),
+)
+assert sorted(_CHECKED) == sorted(COLUMNS) and _CHECKED[0] == "event_id"
+_in_column_order = operator.itemgetter(*(_CHECKED.index(name) for name in COLUMNS))
+_CLIENT_ACCT_ID, _ACCT_NO, _USAGE_TYPE_CODE, _USAGE_TYPE = map(
+    _CHECKED.index, ("client_acct_id", "acct_no", "usage_type_code", "usage_type"))
 
 
 # attrgetter, not dataclasses.astuple: astuple deep-copies every value (a third of the cost).
@@ -51,10 +87,6 @@ class StoreResult:
         return dataclasses.asdict(self)
 
 
-def _blank(value) -> bool:
-    return value is None or value == ""
-
-
 def _shown(value, limit: int = 40) -> str:
     """Quote a rejected value for an error message, cut short: errors echo no megabytes."""
     text = repr(value)
@@ -79,33 +111,52 @@ def _text_problem(value: str) -> str | None:
     return None
 
 
-def _parse_decimal(field: str, value, *, required: bool, allow_negative: bool) -> Decimal | None:
-    if _blank(value):
-        if required:
+def _parse_text(value, limit: int) -> str:
+    if not isinstance(value, str):
+        raise ValueError("Must be a string.")
+    if len(value) > limit:
+        raise ValueError(f"At most {limit} characters (got {len(value)}).")
+    if problem := _text_problem(value):
+        raise ValueError(problem)
+    return value
+
+
+def _parse_decimal(rule: _DecimalRule, value) -> Decimal | None:
+    if value is None or value == "":
+        if rule.required:
             raise ValueError("This field is required.")
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
+    if type(value) is Decimal:
+        number = value  # JSON numbers arrive as Decimal already: exact, nothing to strip
+    elif isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
         raise ValueError("Must be a number.")
-    try:
-        number = Decimal(str(value).strip())
-    except InvalidOperation:
-        raise ValueError(f"{_shown(value)} is not a number.") from None
+    else:
+        try:
+            number = Decimal(str(value).strip())
+        except InvalidOperation:
+            raise ValueError(f"{_shown(value)} is not a number.") from None
     if not number.is_finite():
         raise ValueError("Must be a finite number.")
-    if not allow_negative and number < 0:
+    if not rule.allow_negative and number < 0:
         raise ValueError("Must not be negative.")
-    digits, places = _DECIMAL_SHAPES[field]
-    exponent = number.as_tuple().exponent
-    if -exponent > places and number != number.quantize(Decimal(1).scaleb(-places)):
-        raise ValueError(f"At most {places} decimal places.")
-    if abs(number) >= Decimal(10) ** (digits - places):
-        raise ValueError(f"Must be smaller than 10^{digits - places}.")
+    # The common case in one comparison: below the bound, quantize keeps every digit.
+    if abs(number) < rule.bound and number == number.quantize(rule.quantum):
+        return number
+    # Which rule it breaks, exactly at any size (quantize cannot hold more than 28 digits).
+    _, digits, exponent = number.as_tuple()
+    beyond = -exponent - rule.places
+    if beyond > 0 and any(digits[-beyond:]):
+        raise ValueError(f"At most {rule.places} decimal places.")
+    if abs(number) >= rule.bound:
+        raise ValueError(f"Must be smaller than 10^{rule.whole_digits}.")
     return number
 
 
 def _parse_int(value) -> int | None:
-    if _blank(value):
+    if value is None or value == "":
         return None
+    if type(value) is int and 0 < value < _INT_LIMIT:
+        return value
     if isinstance(value, bool):
         raise ValueError("Must be an integer.")
     if isinstance(value, int):
@@ -117,13 +168,13 @@ def _parse_int(value) -> int | None:
             raise ValueError("Must be a positive integer.") from None
     else:
         raise ValueError(f"{_shown(value)} is not a valid integer.")
-    if not 0 < number < 2**63:
+    if not 0 < number < _INT_LIMIT:
         raise ValueError("Must be a positive integer.")
     return number
 
 
 def _parse_datetime(value) -> datetime:
-    if _blank(value):
+    if value is None or value == "":
         raise ValueError("This field is required.")
     if not isinstance(value, str):
         raise ValueError("Must be an ISO 8601 date-time string.")
@@ -131,74 +182,80 @@ def _parse_datetime(value) -> datetime:
         moment = datetime.fromisoformat(value.strip())
     except ValueError:
         raise ValueError(f"{_shown(value)} is not an ISO 8601 date-time.") from None
+    if moment.tzinfo is UTC:
+        return moment
     # Aria's own usage_date has no offset; a value without one is read as UTC.
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
+        return moment.replace(tzinfo=UTC)
     try:
         return moment.astimezone(UTC)
     except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00 is before year 1 in UTC
         raise ValueError(f"{_shown(value)} is out of the supported date range.") from None
 
 
-def validate_event(index: int, raw: object) -> tuple[ValidEvent | None, list[FieldError]]:
-    """Check one raw event; return it normalized, or the errors naming each field."""
-    if not isinstance(raw, Mapping):
+_OTHER_FIELDS = (("acct_no", _parse_int), ("usage_type", _parse_int),
+                 ("usage_date", _parse_datetime))
+
+
+def validate_row(index: int, raw: object) -> tuple[tuple | None, list[FieldError]]:
+    """Check one raw event; return its values in COLUMNS order, or the errors naming each
+    field. The file import's hot path: no ValidEvent is built."""
+    if type(raw) is not dict and not isinstance(raw, Mapping):
         return None, [FieldError(index, "non_field_errors", "Each event must be a JSON object.")]
     errors: list[FieldError] = []
-
-    def fail(field: str, message: str) -> None:
-        errors.append(FieldError(index, field, message))
-
-    for field in sorted(set(raw) - KNOWN_FIELDS):
-        fail(field, "Unknown field.")
-
-    strings = {}
-    for field, limit in _STRING_LIMITS.items():
-        value = raw.get(field)
-        if _blank(value):
-            strings[field] = ""
-        elif not isinstance(value, str):
-            fail(field, "Must be a string.")
-        elif len(value) > limit:
-            fail(field, f"At most {limit} characters (got {len(value)}).")
-        elif problem := _text_problem(value):
-            fail(field, problem)
+    if not KNOWN_FIELDS.issuperset(raw):
+        for field in sorted(set(raw) - KNOWN_FIELDS):
+            errors.append(FieldError(index, field, "Unknown field."))
+    get = raw.get
+    # A field that fails is None here, like a blank optional one; `errors` tells them apart.
+    values: list = []
+    for name, limit in _TEXT_FIELDS:
+        value = get(name)
+        if value is None or value == "":
+            values.append("")
+        elif type(value) is str and len(value) <= limit and value.isascii() and (
+            "\x00" not in value
+        ):
+            values.append(value)  # plain ASCII: nothing PostgreSQL could refuse
         else:
-            strings[field] = value
-    if "event_id" in strings and not strings["event_id"].strip():
-        fail("event_id", "This field is required.")
-
-    values = {}
-    for field, parse in (
-        ("acct_no", _parse_int),
-        ("usage_type", _parse_int),
-        ("usage_date", _parse_datetime),
-    ):
+            try:
+                values.append(_parse_text(value, limit))
+            except ValueError as exc:
+                errors.append(FieldError(index, name, str(exc)))
+                values.append(None)
+    if values[0] is not None and not values[0].strip():
+        errors.append(FieldError(index, "event_id", "This field is required."))
+    for name, parse in _OTHER_FIELDS:
         try:
-            values[field] = parse(raw.get(field))
+            values.append(parse(get(name)))
         except ValueError as exc:
-            fail(field, str(exc))
-    for field in _DECIMAL_SHAPES:
+            errors.append(FieldError(index, name, str(exc)))
+            values.append(None)
+    for rule in _DECIMAL_RULES:
         try:
-            values[field] = _parse_decimal(
-                field,
-                raw.get(field),
-                required=field == "usage_units",
-                allow_negative=field != "usage_units" and field != "rate",
-            )
+            values.append(_parse_decimal(rule, get(rule.name)))
         except ValueError as exc:
-            fail(field, str(exc))
-
-    if not strings.get("client_acct_id") and values.get("acct_no") is None:
+            errors.append(FieldError(index, rule.name, str(exc)))
+            values.append(None)
+    if not values[_CLIENT_ACCT_ID] and values[_ACCT_NO] is None:
         if not any(e.field in ("client_acct_id", "acct_no") for e in errors):
-            fail("client_acct_id", "One of client_acct_id or acct_no is required.")
-    if not strings.get("usage_type_code") and values.get("usage_type") is None:
+            errors.append(FieldError(
+                index, "client_acct_id", "One of client_acct_id or acct_no is required."
+            ))
+    if not values[_USAGE_TYPE_CODE] and values[_USAGE_TYPE] is None:
         if not any(e.field in ("usage_type_code", "usage_type") for e in errors):
-            fail("usage_type_code", "One of usage_type_code or usage_type is required.")
-
+            errors.append(FieldError(
+                index, "usage_type_code", "One of usage_type_code or usage_type is required."
+            ))
     if errors:
         return None, errors
-    return ValidEvent(**strings, **values), []
+    return _in_column_order(values), []
+
+
+def validate_event(index: int, raw: object) -> tuple[ValidEvent | None, list[FieldError]]:
+    """Check one raw event; return it normalized, or the errors naming each field."""
+    row, errors = validate_row(index, raw)
+    return (None if row is None else ValidEvent(*row)), errors
 
 
 def validate_events(raw_events: Iterable[object], *, start: int = 0):
@@ -214,9 +271,15 @@ def validate_events(raw_events: Iterable[object], *, start: int = 0):
     return valid, errors
 
 
-def _count_ingested(created: int, duplicates: int) -> None:
-    metrics.EVENTS_INGESTED.inc(created)
-    metrics.EVENTS_DUPLICATE.inc(duplicates)
+def count_ingested_on_commit(created: int, duplicates: int) -> None:
+    """Count stored events when they are durable, not when an outer transaction may still
+    roll back."""
+
+    def count() -> None:
+        metrics.EVENTS_INGESTED.inc(created)
+        metrics.EVENTS_DUPLICATE.inc(duplicates)
+
+    transaction.on_commit(count)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -260,8 +323,7 @@ def store_events(events: list[ValidEvent]) -> StoreResult:
         if created < len(unique) and (conflicts := _conflicts(list(unique.values()))):
             raise EventConflict(conflicts)
         duplicates = len(events) - created
-        # Counted when the events are durable, not when an outer transaction may still roll back.
-        transaction.on_commit(lambda: _count_ingested(created, duplicates))
+        count_ingested_on_commit(created, duplicates)
     return StoreResult(received=len(events), created=created, duplicates=duplicates)
 
 
@@ -271,6 +333,38 @@ CONTENT = COLUMNS[1:]
 
 def _differing(first: ValidEvent, other: ValidEvent) -> tuple[str, ...]:
     return tuple(f for f in CONTENT if getattr(first, f) != getattr(other, f))
+
+
+def insert_sql(source: str, *, order_by: str = "") -> str:
+    """The INSERT of the events in `source` (a FROM item with the COLUMNS) not stored yet.
+
+    Rows come in `source` order unless `order_by` says otherwise; a later row with an
+    event_id already inserted by the statement is skipped, like a stored one.
+    """
+    order = f" ORDER BY {order_by}" if order_by else ""
+    return (
+        f"INSERT INTO {UsageEvent._meta.db_table} ({', '.join(COLUMNS)}, received_at) "
+        f"SELECT {', '.join(f'i.{c}' for c in COLUMNS)}, now() FROM {source}{order} "
+        "ON CONFLICT (event_id) DO NOTHING"
+    )
+
+
+def conflicts_sql(source: str) -> tuple[str, str]:
+    """The join of `source` (alias i) to the stored events whose content differs, and a
+    select list of one flag per CONTENT field (true where it differs), for `conflict`."""
+    table = UsageEvent._meta.db_table
+    flags = ", ".join(f"i.{f} IS DISTINCT FROM e.{f}" for f in CONTENT)
+    join = (
+        f"{source} JOIN {table} e ON e.event_id = i.event_id "
+        f"WHERE ({', '.join(f'i.{f}' for f in CONTENT)}) "
+        f"IS DISTINCT FROM ({', '.join(f'e.{f}' for f in CONTENT)})"
+    )
+    return join, flags
+
+
+def conflict(event_id: str, flags) -> Conflict:
+    """The Conflict that a row of `conflicts_sql`'s flags describes."""
+    return Conflict(event_id, tuple(f for f, d in zip(CONTENT, flags, strict=True) if d))
 
 
 _PG_TYPES = tuple(f"{f.pg_type}[]" for f in FIELDS)
@@ -285,34 +379,17 @@ def _arrays(events: list[ValidEvent]) -> tuple[str, list]:
 
 def _insert(events: list[ValidEvent]) -> int:
     # One INSERT … SELECT FROM unnest(arrays): a single round trip per request.
-    table = UsageEvent._meta.db_table
     source, params = _arrays(events)
-    sql = (
-        f"INSERT INTO {table} ({', '.join(COLUMNS)}, received_at) "
-        f"SELECT *, now() FROM {source} "
-        "ON CONFLICT (event_id) DO NOTHING"
-    )
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(insert_sql(source), params)
         return cursor.rowcount
 
 
 def _conflicts(events: list[ValidEvent]) -> list[Conflict]:
     """The events whose event_id is stored with other content (a statement of its own, so
     it sees what a concurrent call committed meanwhile; its own rows match themselves)."""
-    table = UsageEvent._meta.db_table
     source, params = _arrays(events)
-    differs = ", ".join(f"i.{f} IS DISTINCT FROM e.{f}" for f in CONTENT)
-    sql = (
-        f"SELECT i.event_id, {differs} FROM {source} "
-        f"JOIN {table} e ON e.event_id = i.event_id "
-        f"WHERE ({', '.join(f'i.{f}' for f in CONTENT)}) "
-        f"IS DISTINCT FROM ({', '.join(f'e.{f}' for f in CONTENT)}) "
-        "ORDER BY i.event_id"
-    )
+    join, flags = conflicts_sql(source)
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return [
-            Conflict(event_id, tuple(f for f, d in zip(CONTENT, flags, strict=True) if d))
-            for event_id, *flags in cursor.fetchall()
-        ]
+        cursor.execute(f"SELECT i.event_id, {flags} FROM {join} ORDER BY i.event_id", params)
+        return [conflict(event_id, flags) for event_id, *flags in cursor.fetchall()]
