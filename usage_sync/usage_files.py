@@ -1,11 +1,12 @@
 """Import usage events from CSV and JSON Lines files, streaming, all or nothing.
 
-A file is read twice, line by line and never whole, so memory stays flat whatever its
-size: the first pass validates every line with the API's own `ingest.validate_event`
-and stores nothing if any line is invalid; the second pass stores the events in chunks,
-all in one transaction: a file is imported whole or not at all (an event_id reused with
-other content, a crash midway). Importing the same file again stores what is missing and
-counts the rest as duplicates.
+A file is read once, line by line and never whole, so memory stays flat whatever its
+size. Each line is validated with the API's own `ingest.validate_row` and, while every line
+so far is valid, copied into a staging table with PostgreSQL COPY; then one statement
+stores the staged events (`staging.EventStage`). All in one transaction: an invalid line
+anywhere (reading on to report every error), an event_id reused with other content or a
+crash midway stores nothing of the file. Importing the same file again stores what is
+missing and counts the rest as duplicates.
 """
 
 from __future__ import annotations
@@ -22,17 +23,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import BinaryIO
 
-from django.db import OperationalError, reset_queries, transaction
+from django.db import OperationalError, connection, transaction
 
-from .ingest import (
-    KNOWN_FIELDS,
-    Conflict,
-    EventConflict,
-    FieldError,
-    ValidEvent,
-    store_events,
-    validate_event,
-)
+from .ingest import KNOWN_FIELDS, Conflict, FieldError, validate_row
+from .staging import EventStage
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +40,21 @@ _GZIP_MAGIC = b"\x1f\x8b"
 MAX_LINE_BYTES = 1024 * 1024
 # How often (in lines) the progress callback hears about the bytes read.
 _PROGRESS_EVERY = 2000
+# Decimal keeps amounts exact; NaN and Infinity still fail validation. One decoder for the
+# file: json.loads(…, parse_float=…) would build a new one for every line.
+_JSON = json.JSONDecoder(parse_float=Decimal)
 
 Progress = Callable[[int], None]
 
 
 class UsageFileConflict(Exception):
-    """Lines reuse an event_id already stored with other content; nothing was stored."""
+    """Lines reuse an event_id already stored, or earlier in the file, with other content;
+    nothing was stored."""
 
-    def __init__(self, conflicts: list[tuple[int, Conflict]]):
-        super().__init__(f"{len(conflicts)} lines reuse an event_id with other content")
-        self.conflicts = conflicts  # (line number, conflict), by line
+    def __init__(self, conflicts: list[tuple[int, Conflict]], *, count: int):
+        super().__init__(f"{count} lines reuse an event_id with other content")
+        self.conflicts = conflicts  # (line number, conflict), by line: the first ones
+        self.count = count
 
 
 class UsageFileError(Exception):
@@ -68,12 +67,10 @@ class UsageFileError(Exception):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Line:
-    """One event as read from the file: a parsed mapping, or why it could not be parsed."""
+class BadLine:
+    """A line that could not be parsed into an event, and why."""
 
-    number: int
-    event: object = None
-    error: str = ""
+    error: str
     field: str = "line"
     # A problem of the CSV header row, not of an event.
     header: bool = False
@@ -81,7 +78,7 @@ class Line:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FileCheck:
-    """Outcome of the validation pass; `errors` holds at most `max_errors` of them."""
+    """Outcome of validating a file; `errors` holds at most `max_errors` of them."""
 
     lines: int
     events: int
@@ -93,6 +90,14 @@ class FileCheck:
     @property
     def is_valid(self) -> bool:
         return self.error_count == 0
+
+
+class UsageFileInvalid(Exception):
+    """Lines of the file are invalid (`check` says which); nothing was stored."""
+
+    def __init__(self, check: FileCheck):
+        super().__init__(f"{check.error_count} errors in {check.invalid_events} events")
+        self.check = check
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -128,8 +133,9 @@ class UsageFile:
         self.compressed = source.read(2) == _GZIP_MAGIC
         self.size = source.seek(0, 2)
 
-    def lines(self, *, progress: Progress | None = None) -> Iterator[Line]:
-        """Yield the file's events one at a time, numbered by their first physical line."""
+    def lines(self, *, progress: Progress | None = None) -> Iterator[tuple[int, object]]:
+        """Yield the file's events one at a time, numbered by their first physical line:
+        (line number, the parsed event, or a BadLine saying why it could not be parsed)."""
         self.lines_read = 0
         raw_lines = self._physical_lines(progress)
         if self.format == "csv":
@@ -169,20 +175,36 @@ class UsageFile:
         if progress is not None:
             progress(self.size - reported)
 
-    def _json_lines(self, raw_lines: Iterator[tuple[int, bytes | None]]) -> Iterator[Line]:
+    def _json_lines(
+        self, raw_lines: Iterator[tuple[int, bytes | None]]
+    ) -> Iterator[tuple[int, object]]:
+        scan = _JSON.scan_once
         for number, raw in raw_lines:
             if raw is None:
-                yield Line(number, error=f"Longer than {MAX_LINE_BYTES} bytes.")
+                yield number, BadLine(f"Longer than {MAX_LINE_BYTES} bytes.")
                 continue
             if not raw.strip():
                 continue
+            # json.loads's own scanner, without its per-call set-up: a UTF-8 line holding
+            # one JSON value and JSON whitespace (" \t\n\r") after it.
             try:
-                # Decimal keeps amounts exact; NaN and Infinity still fail validation.
-                yield Line(number, event=json.loads(raw, parse_float=Decimal))
-            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-                yield Line(number, error=f"Not valid JSON: {exc}")
+                text = raw.decode()
+                event, end = scan(text, 0)
+                if end != len(text) and text[end:].strip(" \t\n\r"):
+                    raise ValueError("extra data")
+            except (ValueError, StopIteration):
+                # Anything else goes to json.loads, which detects other encodings (a BOM,
+                # UTF-16), reads what it accepts exactly as above and words the error.
+                try:
+                    event = json.loads(raw, parse_float=Decimal)
+                except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+                    yield number, BadLine(f"Not valid JSON: {exc}")
+                    continue
+            yield number, event
 
-    def _csv_lines(self, raw_lines: Iterator[tuple[int, bytes | None]]) -> Iterator[Line]:
+    def _csv_lines(
+        self, raw_lines: Iterator[tuple[int, bytes | None]]
+    ) -> Iterator[tuple[int, object]]:
         current = 0
 
         def text_lines() -> Iterator[str]:
@@ -208,9 +230,9 @@ class UsageFile:
             for position, name in enumerate(columns):
                 if name not in KNOWN_FIELDS:
                     field = name or f"column {position + 1}"
-                    yield Line(1, field=field, error="Unknown column.", header=True)
+                    yield 1, BadLine("Unknown column.", field=field, header=True)
                 elif columns.index(name) != position:
-                    yield Line(1, field=name, error="Column appears more than once.", header=True)
+                    yield 1, BadLine("Column appears more than once.", field=name, header=True)
                 else:
                     keep.append((position, name))
             while True:
@@ -222,69 +244,89 @@ class UsageFile:
                 if not cells:
                     continue  # a blank line
                 if len(cells) != len(columns):
-                    yield Line(
-                        start,
-                        error=f"Has {len(cells)} cells; the header has {len(columns)} columns.",
+                    yield start, BadLine(
+                        f"Has {len(cells)} cells; the header has {len(columns)} columns."
                     )
                     continue
                 # An empty cell means the field is absent, as if left out of a JSON object.
                 fields = {name: cells[position] for position, name in keep if cells[position]}
-                yield Line(start, event=fields)
+                yield start, fields
         except csv.Error as exc:
             raise UsageFileError(current, f"Not valid CSV: {exc}") from exc
+
+
+class _Validation:
+    """Validate a file's lines, counting every error and keeping the first `max_errors`."""
+
+    def __init__(self, usage_file: UsageFile, *, max_errors: int):
+        self.usage_file = usage_file
+        self.max_errors = max_errors
+        self.started = time.monotonic()
+        self.events = self.invalid_events = self.error_count = 0
+        self.errors: list[FieldError] = []
+
+    def valid_rows(self, progress: Progress | None) -> Iterator[tuple[int, tuple]]:
+        """Yield (line number, row in COLUMNS order) for each valid event."""
+        try:
+            for number, event in self.usage_file.lines(progress=progress):
+                if type(event) is BadLine:
+                    self.events += not event.header
+                    self._fail([FieldError(number, event.field, event.error)], event.header)
+                    continue
+                self.events += 1
+                # The API's own validation; the line number takes the place of the index.
+                row, errors = validate_row(number, event)
+                if errors:
+                    self._fail(errors, False)
+                else:
+                    yield number, row
+        except UsageFileError as exc:
+            # Nothing after this point can be read; report it like any other error.
+            self._fail([FieldError(exc.line, "file", exc.message)], False)
+
+    def _fail(self, errors: list[FieldError], header: bool) -> None:
+        self.invalid_events += not header
+        self.error_count += len(errors)
+        self.errors.extend(errors[: max(0, self.max_errors - len(self.errors))])
+
+    def result(self) -> FileCheck:
+        return FileCheck(
+            lines=self.usage_file.lines_read,
+            events=self.events,
+            invalid_events=self.invalid_events,
+            error_count=self.error_count,
+            errors=self.errors,
+            seconds=time.monotonic() - self.started,
+        )
 
 
 def check_usage_file(
     usage_file: UsageFile, *, max_errors: int = 20, progress: Progress | None = None
 ) -> FileCheck:
     """Validate every line of the file without storing anything; keep the first errors."""
-    started = time.monotonic()
-    events = invalid = error_count = 0
-    errors: list[FieldError] = []
-
-    def record(line_errors: list[FieldError]) -> None:
-        nonlocal error_count
-        error_count += len(line_errors)
-        errors.extend(line_errors[: max(0, max_errors - len(errors))])
-
-    try:
-        for line in usage_file.lines(progress=progress):
-            events += not line.header
-            _, line_errors = _validate_line(line)
-            if line_errors:
-                invalid += not line.header
-                record(line_errors)
-    except UsageFileError as exc:
-        # Nothing after this point can be read; report it like any other error.
-        invalid += 1
-        record([FieldError(exc.line, "file", exc.message)])
-    return FileCheck(
-        lines=usage_file.lines_read,
-        events=events,
-        invalid_events=invalid,
-        error_count=error_count,
-        errors=errors,
-        seconds=time.monotonic() - started,
-    )
+    validation = _Validation(usage_file, max_errors=max_errors)
+    for _ in validation.valid_rows(progress):
+        pass
+    return validation.result()
 
 
 def import_usage_file(
-    usage_file: UsageFile, *, chunk_size: int = 5000, progress: Progress | None = None
+    usage_file: UsageFile, *, max_errors: int = 20, progress: Progress | None = None
 ) -> ImportResult:
-    """Store the events of an already checked file, in one transaction.
+    """Validate the file and store its events: one pass, one transaction.
 
-    Raises UsageFileError if a line fails validation after all (the file changed since it
-    was checked), UsageFileConflict if lines reuse stored event_ids with other content;
-    either way nothing of the file is stored.
+    Raises UsageFileInvalid if any line is invalid, UsageFileConflict if lines reuse an
+    event_id with other content (`max_errors` bounds how many of either are kept); either
+    way nothing of the file is stored.
     """
     attempt = 1
     while True:
         try:
-            return _import(usage_file, chunk_size=chunk_size, progress=progress)
+            return _import(usage_file, max_errors=max_errors, progress=progress)
         except OperationalError as exc:
-            # Each chunk goes in event_id order, but a file spans many chunks: another
-            # import or API call storing some of the same ids in another order can
-            # deadlock with it. PostgreSQL rolls one back; it can simply run again.
+            # The stage goes in in event_id order, as the API's events do, but another
+            # writer taking the same ids in another order (an older client, a script) can
+            # still deadlock with it. PostgreSQL rolls one back; it can simply run again.
             deadlock = getattr(exc.__cause__, "sqlstate", None) == "40P01"
             if not deadlock or attempt == DEADLOCK_ATTEMPTS:
                 raise
@@ -293,60 +335,25 @@ def import_usage_file(
                            "ids; importing again (attempt %d)", attempt)
 
 
-def _import(usage_file: UsageFile, *, chunk_size: int, progress: Progress | None) -> ImportResult:
-    started = time.monotonic()
-    events = created = duplicates = 0
-    chunk: list[ValidEvent] = []
-    numbers: list[int] = []
-    conflicts: list[tuple[int, Conflict]] = []
-
-    def flush() -> None:
-        nonlocal created, duplicates
-        try:
-            result = store_events(chunk)
-        except EventConflict as exc:
-            # Read on, to name every conflicting line at once; the whole import is rolled
-            # back at the end.
-            lines = {event.event_id: number for number, event in zip(numbers, chunk, strict=True)}
-            conflicts.extend((lines[c.event_id], c) for c in exc.conflicts)
-        else:
-            created += result.created
-            duplicates += result.duplicates
-        chunk.clear()
-        numbers.clear()
-        # With DEBUG on, Django keeps every SQL statement it ran, and each of ours holds a
-        # whole chunk: without this the log would grow with the file (≈1 GB for 1 GB).
-        reset_queries()
-
-    with transaction.atomic():
-        for line in usage_file.lines(progress=progress):
-            events += not line.header
-            event, line_errors = _validate_line(line)
-            if line_errors:
-                first = line_errors[0]
-                raise UsageFileError(
-                    line.number,
-                    f"{first.field}: {first.message} (the file changed after it was checked; "
-                    "nothing was stored)",
-                )
-            chunk.append(event)
-            numbers.append(line.number)
-            if len(chunk) >= chunk_size:
-                flush()
-        flush()
-        if conflicts:
-            raise UsageFileConflict(sorted(conflicts, key=lambda c: c[0]))
+def _import(usage_file: UsageFile, *, max_errors: int, progress: Progress | None) -> ImportResult:
+    validation = _Validation(usage_file, max_errors=max_errors)
+    with transaction.atomic(), connection.cursor() as cursor:
+        stage = EventStage.create(cursor)
+        with stage.rows() as add:
+            for number, row in validation.valid_rows(progress):
+                # After the first error, read on only to report every error.
+                if not validation.error_count:
+                    add(number, row)
+            if validation.error_count:
+                # Out of the COPY block: the COPY is aborted and the transaction rolled back.
+                raise UsageFileInvalid(validation.result())
+        stored = stage.store(max_conflicts=max_errors)
+        if stored.conflict_count:
+            raise UsageFileConflict(stored.conflicts, count=stored.conflict_count)
     return ImportResult(
         lines=usage_file.lines_read,
-        events=events,
-        created=created,
-        duplicates=duplicates,
-        seconds=time.monotonic() - started,
+        events=validation.events,
+        created=stored.created,
+        duplicates=stored.duplicates,
+        seconds=time.monotonic() - validation.started,
     )
-
-
-def _validate_line(line: Line) -> tuple[ValidEvent | None, list[FieldError]]:
-    if line.error:
-        return None, [FieldError(line.number, line.field, line.error)]
-    # The API's own validation; the line number takes the place of the list index.
-    return validate_event(line.number, line.event)

@@ -8,8 +8,9 @@ from decimal import Decimal
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
+from prometheus_client import REGISTRY
 
-from usage_sync import usage_files
+from usage_sync import staging, usage_files
 from usage_sync.models import UsageEvent
 
 pytestmark = pytest.mark.django_db
@@ -77,38 +78,46 @@ def test_it_imports_a_csv_file_reading_empty_cells_as_absent(tmp_path):
 def test_reimporting_counts_duplicates_and_stores_nothing_twice(tmp_path):
     path = tmp_path / "usage.jsonl"
     write_jsonl(path, [event(n) for n in range(7)])
-    run(path, chunk_size=3)
+    run(path)
 
-    output = run(path, chunk_size=3)
+    output = run(path)
 
     assert "7 events, 0 created, 7 duplicates" in output
     assert UsageEvent.objects.count() == 7
 
 
+@pytest.mark.parametrize("where", ["while copying", "after the insert"])
 def test_a_crash_midway_stores_nothing_and_a_rerun_imports_the_whole_file(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, where
 ):
     path = tmp_path / "usage.jsonl"
-    write_jsonl(path, [event(n) for n in range(5)])
-    real_store = usage_files.store_events
-    calls = []
+    # Rows of 4 KB: the first ones have left psycopg's 32 KB buffer for the server by the
+    # time line 15 is read.
+    write_jsonl(path, [event(n, comments="x" * 3900) for n in range(20)])
+    real_validate, real_count = usage_files.validate_row, staging.count_ingested_on_commit
 
-    def crash_on_second_chunk(events):
-        calls.append(len(events))
-        if len(calls) == 2:
+    def crash_on_line_15(number, raw):
+        if number == 15:
             raise RuntimeError("killed")
-        return real_store(events)
+        return real_validate(number, raw)
 
-    monkeypatch.setattr(usage_files, "store_events", crash_on_second_chunk)
+    def crash(created, duplicates):
+        raise RuntimeError("killed")
+
+    if where == "while copying":
+        monkeypatch.setattr(usage_files, "validate_row", crash_on_line_15)
+    else:
+        monkeypatch.setattr(staging, "count_ingested_on_commit", crash)
     with pytest.raises(RuntimeError):
-        run(path, chunk_size=2)
+        run(path)
     assert UsageEvent.objects.count() == 0
-    monkeypatch.setattr(usage_files, "store_events", real_store)
+    monkeypatch.setattr(usage_files, "validate_row", real_validate)
+    monkeypatch.setattr(staging, "count_ingested_on_commit", real_count)
 
-    output = run(path, chunk_size=2)
+    output = run(path)
 
-    assert "5 events, 5 created, 0 duplicates" in output
-    assert UsageEvent.objects.count() == 5
+    assert "20 events, 20 created, 0 duplicates" in output
+    assert UsageEvent.objects.count() == 20
 
 
 def test_an_event_id_reused_with_other_content_names_the_line_and_stores_nothing(tmp_path):
@@ -122,7 +131,7 @@ def test_an_event_id_reused_with_other_content_names_the_line_and_stores_nothing
         event(5), event(5, client_acct_id="ACME-002"),  # one id, two events in this file
     ])
 
-    message = import_error(path, chunk_size=2)
+    message = import_error(path)
 
     assert "nothing was stored" in message
     assert "line 4, event_id 'evt-000002': differs in usage_units, usage_date" in message
@@ -131,18 +140,21 @@ def test_an_event_id_reused_with_other_content_names_the_line_and_stores_nothing
     assert UsageEvent.objects.get(event_id="evt-000002").usage_units == Decimal("12.5")
 
 
-def test_it_stores_each_chunk_with_its_own_store_call(tmp_path, monkeypatch):
+def test_it_stores_the_whole_file_with_one_insert_statement(tmp_path):
     path = tmp_path / "usage.jsonl"
-    write_jsonl(path, [event(n) for n in range(5)])
-    sizes = []
-    real_store = usage_files.store_events
-    monkeypatch.setattr(
-        usage_files, "store_events", lambda events: sizes.append(len(events)) or real_store(events)
-    )
+    write_jsonl(path, [event(n) for n in range(600)])
+    statements = []
 
-    run(path, chunk_size=2)
+    def record(execute, sql, params, many, context):
+        statements.append(sql.split("(")[0].strip())
+        return execute(sql, params, many, context)
 
-    assert sizes == [2, 2, 1]
+    with connection.execute_wrapper(record):
+        run(path)
+
+    # The rows themselves go through COPY, which no execute wrapper sees.
+    assert statements.count("INSERT INTO usage_sync_usageevent") == 1
+    assert UsageEvent.objects.count() == 600
 
 
 def test_one_bad_line_stores_nothing_and_names_the_line_and_field(tmp_path):
@@ -158,8 +170,8 @@ def test_one_bad_line_stores_nothing_and_names_the_line_and_field(tmp_path):
         ],
     )
 
-    # Chunks of one: storing as it validates would have stored lines 1 and 2.
-    message = import_error(path, chunk_size=1)
+    # Lines 1 and 2 were copied into the stage before line 3 was read.
+    message = import_error(path)
 
     assert "nothing was stored" in message
     assert "line 3, usage_units: Must not be negative." in message
@@ -316,14 +328,16 @@ def test_it_shows_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, capsys
     path = tmp_path / "usage.jsonl"
     write_jsonl(path, [event(n) for n in range(10)])
     run(path)
-    assert "Checking" not in capsys.readouterr().err
+    assert "Importing" not in capsys.readouterr().err
 
     terminal = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     run(path)
+    run(path, check=True)
 
+    # One pass, one bar: the file is validated and copied at once.
+    assert "Importing: 100%" in terminal.getvalue()
     assert "Checking: 100%" in terminal.getvalue()
-    assert "Storing: 100%" in terminal.getvalue()
 
 
 def test_memory_stays_bounded_on_a_large_file(tmp_path):
@@ -338,7 +352,7 @@ def test_memory_stays_bounded_on_a_large_file(tmp_path):
 
     tracemalloc.start()
     try:
-        output = run(path, chunk_size=250)
+        output = run(path)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -348,11 +362,112 @@ def test_memory_stays_bounded_on_a_large_file(tmp_path):
 
 
 def test_the_debug_query_log_does_not_grow_with_the_file(tmp_path, settings):
-    # With DEBUG on, Django logs every statement; each of ours holds a whole chunk.
+    # With DEBUG on, Django logs every statement it runs: the rows must not be in one.
     settings.DEBUG = True
     path = tmp_path / "usage.jsonl"
-    write_jsonl(path, [event(n) for n in range(20)])
+    write_jsonl(path, [event(n) for n in range(2000)])
 
-    run(path, chunk_size=2)
+    run(path)
 
-    assert len(connection.queries) < 5
+    assert len(connection.queries) < 10
+    assert sum(len(query["sql"]) for query in connection.queries) < 5000
+
+
+def test_the_same_event_twice_in_a_file_is_stored_once_and_counted_as_a_duplicate(tmp_path):
+    path = tmp_path / "usage.jsonl"
+    write_jsonl(path, [event(1), event(2), event(1), event(1, usage_units="12.50")])
+
+    output = run(path)
+
+    # 12.50 is 12.5: the same content written otherwise.
+    assert "4 events, 2 created, 2 duplicates" in output
+    assert UsageEvent.objects.count() == 2
+
+
+def test_one_event_id_twice_in_a_file_with_other_content_names_the_later_line(tmp_path):
+    path = tmp_path / "usage.jsonl"
+    write_jsonl(path, [event(1), event(2), event(1, usage_units="13", qualifier_1="eu")])
+
+    message = import_error(path)
+
+    assert "1 events reuse an event_id" in message
+    assert "line 3, event_id 'evt-000001': differs in usage_units, qualifier_1" in message
+    assert not UsageEvent.objects.exists()
+
+
+def test_it_prints_the_first_conflicts_and_says_how_many_more(tmp_path):
+    write_jsonl(tmp_path / "first.jsonl", [event(n) for n in range(5)])
+    run(tmp_path / "first.jsonl")
+    path = tmp_path / "second.jsonl"
+    write_jsonl(path, [event(n, usage_units="99") for n in range(5)])
+
+    message = import_error(path, max_errors=2)
+
+    assert "5 events reuse an event_id" in message
+    assert "line 1, event_id 'evt-000000': differs in usage_units" in message
+    assert "line 2, event_id 'evt-000001'" in message
+    assert "line 3," not in message
+    assert "… and 3 more." in message
+    assert UsageEvent.objects.count() == 5
+
+
+def test_an_invalid_line_deep_in_a_large_file_stores_nothing_and_is_named(tmp_path):
+    path = tmp_path / "usage.jsonl"
+    # Thousands of rows have been copied into the stage when line 30,000 fails.
+    events = [event(n) for n in range(30_001)]
+    events[29_999] = event(29_999, usage_date="tomorrow")
+    write_jsonl(path, events)
+
+    message = import_error(path)
+
+    assert "1 error, 1 of 30,001 events invalid; nothing was stored." in message
+    assert "line 30000, usage_date: 'tomorrow' is not an ISO 8601 date-time." in message
+    assert not UsageEvent.objects.exists()
+
+
+def test_values_are_stored_exactly_as_validated(tmp_path):
+    path = tmp_path / "usage.jsonl"
+    tricky = 'tab\there, line\nbreak, return\r, back\\slash, \\N, "quoted", é, 漢字, 🙂'
+    write_jsonl(path, [
+        event(1, comments=tricky, qualifier_1="\\N", qualifier_2="\t"),
+        event(2, usage_units="1E+2", amount="-0.5", rate="0.00001",
+              usage_date="2026-11-24T11:15:00.123456+01:00", acct_no="42", usage_type=7),
+    ])
+
+    run(path)
+
+    first, second = UsageEvent.objects.order_by("event_id")
+    assert (first.comments, first.qualifier_1, first.qualifier_2) == (tricky, "\\N", "\t")
+    assert (first.acct_no, first.amount, first.rate) == (None, None, None)
+    assert (second.usage_units, second.amount, second.rate) == (
+        Decimal(100), Decimal("-0.5"), Decimal("0.00001")
+    )
+    assert second.usage_date.isoformat() == "2026-11-24T10:15:00.123456+00:00"
+    assert (second.acct_no, second.usage_type) == (42, 7)
+
+
+def test_the_metrics_count_created_and_duplicate_events_once_committed(
+    tmp_path, django_capture_on_commit_callbacks
+):
+    path = tmp_path / "usage.jsonl"
+    write_jsonl(path, [event(n) for n in range(3)])
+    write_jsonl(tmp_path / "more.jsonl", [event(n) for n in range(5)])
+    write_jsonl(tmp_path / "bad.jsonl", [event(9, usage_units="x")])
+
+    def counted() -> tuple[float, float]:
+        return tuple(
+            REGISTRY.get_sample_value(name) or 0.0
+            for name in ("allegro_events_ingested_total", "allegro_events_duplicate_total")
+        )
+
+    before = counted()
+    with django_capture_on_commit_callbacks(execute=True):
+        run(path)
+    with django_capture_on_commit_callbacks(execute=True):
+        run(tmp_path / "more.jsonl")
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        import_error(tmp_path / "bad.jsonl")
+
+    assert callbacks == []  # nothing counted for a refused file
+    after = counted()
+    assert (after[0] - before[0], after[1] - before[1]) == (5, 3)

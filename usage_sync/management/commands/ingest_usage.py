@@ -10,7 +10,7 @@ from usage_sync.usage_files import (
     FORMATS,
     UsageFile,
     UsageFileConflict,
-    UsageFileError,
+    UsageFileInvalid,
     check_usage_file,
     format_from_name,
     import_usage_file,
@@ -19,8 +19,8 @@ from usage_sync.usage_files import (
 
 class Command(BaseCommand):
     help = (
-        "Import usage events from a CSV or JSON Lines file (plain or gzip). The whole file "
-        "is validated first, as the API validates; if any line is invalid nothing is stored."
+        "Import usage events from a CSV or JSON Lines file (plain or gzip). Every line is "
+        "validated, as the API validates; if any line is invalid nothing is stored."
     )
 
     def add_arguments(self, parser):
@@ -31,26 +31,17 @@ class Command(BaseCommand):
             help="Default: from the extension (.csv, .jsonl or .ndjson, then optionally .gz).",
         )
         parser.add_argument(
-            "--chunk-size",
-            type=int,
-            default=5000,
-            help="Events stored per transaction (default 5000).",
-        )
-        parser.add_argument(
             "--max-errors",
             type=int,
             default=20,
-            help="How many errors to print when the file is invalid (default 20).",
+            help="How many errors (or conflicting lines) to print when the file is refused "
+            "(default 20).",
         )
         parser.add_argument(
             "--check", action="store_true", help="Only validate the file; store nothing."
         )
 
-    def handle(
-        self, *args, file, format=None, chunk_size=5000, max_errors=20, check=False, **options
-    ):
-        if chunk_size < 1:
-            raise CommandError("--chunk-size must be at least 1.")
+    def handle(self, *args, file, format=None, max_errors=20, check=False, **options):
         if max_errors < 0:
             raise CommandError("--max-errors must not be negative.")
         format = format or (None if file == "-" else format_from_name(file))
@@ -60,35 +51,35 @@ class Command(BaseCommand):
             )
         with ExitStack() as stack:
             usage_file = UsageFile(self._open(file, stack), format=format)
-            with progress_bar("Checking", total=usage_file.size, unit="B") as progress:
-                result = check_usage_file(usage_file, max_errors=max_errors, progress=progress)
-            if not result.is_valid:
-                raise CommandError(self._describe_errors(file, result))
-            self.stdout.write(
-                f"Checked {result.lines:,} lines ({result.events:,} events) in "
-                f"{result.seconds:.1f} s: all valid."
-            )
             if check:
+                with progress_bar("Checking", total=usage_file.size, unit="B") as progress:
+                    result = check_usage_file(usage_file, max_errors=max_errors, progress=progress)
+                if not result.is_valid:
+                    raise CommandError(self._describe_errors(file, result))
+                self.stdout.write(
+                    f"Checked {result.lines:,} lines ({result.events:,} events) in "
+                    f"{result.seconds:.1f} s: all valid."
+                )
                 self.stdout.write("Nothing stored (--check).")
                 return
-            with progress_bar("Storing", total=usage_file.size, unit="B") as progress:
+            with progress_bar("Importing", total=usage_file.size, unit="B") as progress:
                 try:
-                    stored = import_usage_file(usage_file, chunk_size=chunk_size, progress=progress)
-                except UsageFileError as exc:
-                    raise CommandError(str(exc)) from exc
+                    stored = import_usage_file(usage_file, max_errors=max_errors, progress=progress)
+                except UsageFileInvalid as exc:
+                    raise CommandError(self._describe_errors(file, exc.check)) from exc
                 except UsageFileConflict as exc:
                     raise CommandError(self._describe_conflicts(file, exc, max_errors)) from exc
-        seconds = result.seconds + stored.seconds
         self.stdout.write(
             f"Read {stored.lines:,} lines: {stored.events:,} events, {stored.created:,} created, "
-            f"{stored.duplicates:,} duplicates, 0 errors in {seconds:.1f} s "
-            f"({stored.events / max(seconds, 1e-9):,.0f} events/s)."
+            f"{stored.duplicates:,} duplicates, 0 errors in {stored.seconds:.1f} s "
+            f"({stored.events / max(stored.seconds, 1e-9):,.0f} events/s)."
         )
 
     def _open(self, file: str, stack: ExitStack):
         if file == "-":
-            # Standard input can be read only once and the import reads twice: spool it to
-            # a temporary file (on disk, so memory stays flat).
+            # Standard input can be read only once, and an import that deadlocked with
+            # another reads the file again: spool it to a temporary file (on disk, so memory
+            # stays flat).
             spool = stack.enter_context(tempfile.TemporaryFile())
             shutil.copyfileobj(sys.stdin.buffer, spool, 1024 * 1024)
             return spool
@@ -102,7 +93,7 @@ class Command(BaseCommand):
     @staticmethod
     def _describe_conflicts(file: str, exc: UsageFileConflict, max_errors: int) -> str:
         lines = [
-            f"{file}: {len(exc.conflicts):,} events reuse an event_id already used for an "
+            f"{file}: {exc.count:,} events reuse an event_id already used for an "
             "event with other content (a correction needs a new event_id); nothing was stored."
         ]
         lines += [
@@ -110,8 +101,8 @@ class Command(BaseCommand):
             f"{', '.join(conflict.fields)}"
             for number, conflict in exc.conflicts[:max_errors]
         ]
-        if len(exc.conflicts) > max_errors:
-            lines.append(f"  … and {len(exc.conflicts) - max_errors:,} more.")
+        if exc.count > max_errors:
+            lines.append(f"  … and {exc.count - max_errors:,} more.")
         return "\n".join(lines)
 
     @staticmethod
