@@ -12,6 +12,11 @@ INGEST_KEYS = {
     "benchmark", "events", "requests", "clients", "server", "seconds", "events_per_s",
     "target", "met", "latency_p50_ms", "latency_p95_ms", "rows_verified", "machine",
 }
+FILE_IMPORT_KEYS = {
+    "benchmark", "events", "seconds", "events_per_s", "floor_seconds", "ratio",
+    "phases_seconds", "target_events_per_s", "met", "peak_rss_mb", "target_rss_mb", "rss_met",
+    "rows_verified", "machine",
+}
 AGGREGATION_KEYS = {
     "benchmark", "events", "records", "batches", "bare_seconds", "aggregation_seconds",
     "ratio", "target", "met", "statements_seconds", "units_verified", "machine",
@@ -59,6 +64,7 @@ def test_it_prints_a_json_line_per_run_and_drops_its_database(database_name):
     assert [(r["benchmark"], r.get("clients")) for r in results] == [
         ("ingest_api", 1),
         ("ingest_api", 2),
+        ("file_import", None),
         ("aggregation", None),
         ("sync_end_to_end", None),
         ("reprocess_all", None),
@@ -67,7 +73,12 @@ def test_it_prints_a_json_line_per_run_and_drops_its_database(database_name):
     for ingest in results[:2]:
         assert INGEST_KEYS <= ingest.keys()
         assert ingest["events"] == ingest["rows_verified"] == 2000
-    aggregation = results[2]
+    file_import = results[2]
+    assert FILE_IMPORT_KEYS <= file_import.keys()
+    assert file_import["events"] == file_import["rows_verified"] == 2000
+    assert file_import["seconds"] > 0 and file_import["floor_seconds"] > 0
+    assert 0 < file_import["peak_rss_mb"] < 1000
+    aggregation = results[3]
     assert AGGREGATION_KEYS <= aggregation.keys()
     assert aggregation["events"] == 2000
     assert aggregation["units_verified"] is True
@@ -146,4 +157,18 @@ def test_it_times_the_console_pages(database_name):
         "incomplete_batches", "batch_summary", "batch_page", "records_by_batch",
         "records_by_status", "record_page", "event_lookup", "trace_search"}
     assert all({"p50_ms", "p95_ms"} <= set(p) for p in result["pages"].values())
+    assert not command_database_exists(database_name)
+
+
+def test_it_times_a_file_import_beside_a_bare_copy_of_the_same_rows(database_name):
+    run = bench("--only", "file_import", "--events", "3000", "--database-name", database_name)
+
+    assert run.returncode == 0, run.stderr
+    [result] = [json.loads(line) for line in run.stdout.splitlines()]
+    assert FILE_IMPORT_KEYS <= result.keys()
+    assert result["benchmark"] == "file_import"
+    assert result["events"] == result["rows_verified"] == 3000
+    # Both times are rounded to the millisecond: at this size, a few percent of the ratio.
+    assert result["ratio"] == pytest.approx(result["seconds"] / result["floor_seconds"], rel=0.1)
+    assert result["met"] is (result["events_per_s"] >= result["target_events_per_s"])
     assert not command_database_exists(database_name)

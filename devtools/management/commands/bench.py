@@ -10,15 +10,16 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
 from allegro.progress import progress
-from devtools import benchmarks
+from devtools import benchmarks, import_bench
 
 # In the order a full run takes them.
-BENCHMARKS = ["ingest", "aggregation", "sync", "reprocess", "console"]
+BENCHMARKS = ["ingest", "file_import", "aggregation", "sync", "reprocess", "console"]
 
 
 class Command(BaseCommand):
     help = (
-        "Benchmark ingest over HTTP, aggregation, sync end to end (Kafka, a Celery "
+        "Benchmark ingest over HTTP, the file import (ingest_usage) beside a bare COPY, "
+        "aggregation, sync end to end (Kafka, a Celery "
         "worker, the core Aria simulator) and reprocess-all (the API over HTTP, then the "
         "re-sync) in a dedicated PostgreSQL database "
         "(created and dropped here; your own database is never touched). "
@@ -35,7 +36,9 @@ class Command(BaseCommand):
             dest="events",
             type=int,
             help=f"events per benchmark, to scale down a quick run (default "
-            f"{benchmarks.INGEST_EVENTS:,} for ingest, {benchmarks.AGGREGATION_EVENTS:,} "
+            f"{benchmarks.INGEST_EVENTS:,} for ingest, "
+            f"{import_bench.FILE_IMPORT_EVENTS:,} for file_import (lines of the file), "
+            f"{benchmarks.AGGREGATION_EVENTS:,} "
             f"for aggregation, {benchmarks.SYNC_RECORDS:,} for sync, where each event "
             f"becomes one record, {benchmarks.SYNC_BATCH_SIZE:,} to a batch, and "
             f"{benchmarks.REPROCESS_RECORDS:,} ERROR records for reprocess)",
@@ -121,6 +124,10 @@ class Command(BaseCommand):
                 workers=workers,
                 client_counts=tuple(clients),
                 on_phase=on_phase,
+            )
+        elif name == "file_import":
+            yield import_bench.bench_file_import(
+                events=events or import_bench.FILE_IMPORT_EVENTS, on_phase=on_phase
             )
         elif name == "aggregation":
             yield benchmarks.bench_aggregation(
