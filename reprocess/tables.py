@@ -58,7 +58,8 @@ class RecordTable(tables.Table):
     status = StatusColumn()
     batch = tables.Column(accessor="batch_id", verbose_name="Batch",
                           linkify=("console:batch", [tables.A("batch_id")]))
-    client_record_id = tables.Column(linkify=("console:record", [tables.A("pk")]))
+    client_record_id = tables.Column(linkify=("console:record", [tables.A("pk")]),
+                                     empty_values=())
     usage_date = tables.DateTimeColumn(format=TIME)
     sync_error_message = tables.Column(attrs={"td": {"class": "wrap"}})
 
@@ -70,6 +71,10 @@ class RecordTable(tables.Table):
                   "usage_date", "event_count", "acct_no", "attempts"]
         attrs = {"class": "table"}
         empty_text = "No records match these filters."
+
+    def render_client_record_id(self, value, record):
+        # An OPEN record has its id once its window closes.
+        return value or f"open #{record.pk}"
 
 
 class ActivityTable(tables.Table):

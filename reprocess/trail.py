@@ -120,6 +120,8 @@ class HistoryEntry:
 def record_history(record: UsageRecord) -> list[HistoryEntry]:
     """Each call that carried the record (or may have) and each reprocess run that queued
     it, in order."""
+    if record.batch_id is None:
+        return []  # OPEN: in no batch yet, so never sent nor reprocessed
     # A batch has a handful of calls: read them all (over the batch index) and pick ours.
     calls = SyncActivity.objects.filter(
         batch_id=record.batch_id, action_name=SyncActivity.Action.BULK_RECORD_USAGE,
@@ -224,11 +226,15 @@ def event_sums(record: UsageRecord) -> EventSums:
 
 
 def window_closes_at(event: UsageEvent) -> datetime:
-    """When the event's window closes for aggregation, under today's configuration."""
+    """When the event's window closes for aggregation: its open record's window end, or
+    (for an event stored without a record) its window under the rule for its date, plus
+    the lateness grace."""
     config = AggregationConfig.load()
-    start = window_boundary(now=event.usage_date, frequency=config.frequency,
-                            grace=timedelta(0))
-    return start + config.frequency + config.lateness_grace
+    if event.record_id:
+        return event.record.window_end + config.lateness_grace
+    frequency = timedelta(minutes=config.rule_at(event.usage_date).frequency_minutes)
+    start = window_boundary(now=event.usage_date, frequency=frequency, grace=timedelta(0))
+    return start + frequency + config.lateness_grace
 
 
 # --- a batch's timeline -------------------------------------------------------------------

@@ -57,7 +57,10 @@ class EventDetailView(ConsoleMixin, View):
         )
         return render(request, "reprocess/trail_event.html", {
             "event": event,
-            "closes_at": None if event.record_id else trail.window_closes_at(event),
+            "closes_at": (
+                None if event.record and event.record.batch_id
+                else trail.window_closes_at(event)
+            ),
             "now": timezone.now(), "section": "usage", "nav": "records",
         })
 

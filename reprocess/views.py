@@ -295,7 +295,18 @@ class ConfigView(ConsoleMixin, FormView):
         return form
 
     def get_context_data(self, **kwargs):
-        return super().get_context_data(can_change=self.can_change(), **kwargs)
+        config = AggregationConfig.load()
+        before = config.previous_rule or {}
+        minutes = before.get("frequency_minutes")
+        previous_rule_text = "{} by account and usage type{}".format(
+            dict(AggregationConfig.Frequency.choices).get(minutes, f"every {minutes} minutes")
+            .lower(),
+            "".join(f", qualifier {n}" for n in before.get("qualifiers", [])),
+        )
+        return super().get_context_data(
+            can_change=self.can_change(), config=config, now=timezone.now(),
+            previous_rule_text=previous_rule_text, **kwargs,
+        )
 
     def post(self, request, *args, **kwargs):
         if not self.can_change():
@@ -308,19 +319,29 @@ class ConfigView(ConsoleMixin, FormView):
             for name in form.changed_data
         }
         with transaction.atomic():
+            now = timezone.now()
+            stored = AggregationConfig.objects.select_for_update().get(pk=1)
             config = form.save(commit=False)
-            config.updated_at = timezone.now()
+            config.edited(in_force=stored.rule_at(now), now=now)
+            config.updated_at = now
             config.save()
+            details = {"changes": changes}
+            if config.rule_changes_at and config.rule_changes_at > now:
+                details["rule_applies_from"] = config.rule_changes_at.isoformat()
             if changes:
                 SyncActivity.objects.create(
                     action_name=SyncActivity.Action.CONFIG_CHANGE,
                     object_name="Aggregate usage configuration",
                     status=SyncActivity.Status.COMPLETE,
                     actor=self.request.user.get_username(),
-                    details={"changes": changes},
+                    details=details,
                 )
         if changes:
-            messages.success(self.request, "Configuration saved: " + ", ".join(changes) + ".")
+            when = ""
+            if "rule_applies_from" in details:
+                when = (" The frequency and grouping apply from the next window on, at "
+                        f"{timezone.localtime(config.rule_changes_at):%Y-%m-%d %H:%M %Z}.")
+            messages.success(self.request, f"Configuration saved: {', '.join(changes)}.{when}")
         else:
             messages.info(self.request, "Nothing changed.")
         return redirect("console:config")

@@ -88,6 +88,7 @@ def make_batch(
             usage_type_code="API_CALLS",
             usage_units=Decimal("1.5"),
             usage_date=start,
+            window_end=batch.window_end,
             event_count=1,
             status=status,
             sync_error_code=code,

@@ -1,4 +1,5 @@
 from django.contrib import admin
+from django.utils import timezone
 
 from .models import AggregatedBatch, AggregationConfig, SyncActivity, UsageEvent, UsageRecord
 
@@ -7,7 +8,15 @@ from .models import AggregatedBatch, AggregationConfig, SyncActivity, UsageEvent
 class AggregationConfigAdmin(admin.ModelAdmin):
     list_display = ["__str__", "frequency_minutes", "batch_size", "lateness_grace_minutes",
                     "enabled", "last_run_at"]
-    readonly_fields = ["last_run_at", "updated_at"]
+    readonly_fields = ["last_run_at", "updated_at", "rule_changes_at", "previous_rule"]
+
+    def save_model(self, request, obj, form, change):
+        # As the console does: a new frequency or grouping applies from the next window on.
+        now = timezone.now()
+        stored = AggregationConfig.objects.filter(pk=obj.pk).first()
+        if stored:
+            obj.edited(in_force=stored.rule_at(now), now=now)
+        super().save_model(request, obj, form, change)
 
     def has_add_permission(self, request):
         return not AggregationConfig.objects.exists()

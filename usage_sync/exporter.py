@@ -19,7 +19,14 @@ from django.db.models import Count, Min, Q, Sum
 from django.utils import timezone
 from prometheus_client.core import GaugeMetricFamily
 
-from .models import INCOMPLETE, AggregatedBatch, BatchStatus, RecordStatus, UsageEvent
+from .models import (
+    INCOMPLETE,
+    AggregatedBatch,
+    BatchStatus,
+    RecordStatus,
+    UsageEvent,
+    UsageRecord,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +41,9 @@ def database_families() -> list:
        than records (1,000 batches for 1M records at the default batch size). The same
        pass counts batches by status, the incomplete ones, and the oldest with PENDING
        records.
-    2. Unaggregated events: COUNT over the partial index `event_unaggregated_idx`, which
-       holds only events not yet aggregated (few, between two aggregation runs). Stored
+    2. Unaggregated events: those of OPEN records (the sum of their event counts, over the
+       open records' own index: one per key of the windows not closed yet), and any stored
+       without a record (the partial index `event_unaggregated_idx`, normally empty). Stored
        events: PostgreSQL's own row estimate (pg_class.reltuples, kept fresh by
        autovacuum), not a COUNT(*) over millions of rows.
     """
@@ -110,9 +118,14 @@ def _batch_families() -> list:
 def _event_families() -> list:
     unaggregated = GaugeMetricFamily(
         "allegro_usage_events_unaggregated",
-        "Raw usage events not yet aggregated into a record.",
+        "Raw usage events whose record is in no batch yet (its window has not closed).",
     )
-    unaggregated.add_metric([], UsageEvent.objects.filter(record__isnull=True).count())
+    in_open_records = UsageRecord.objects.filter(batch__isnull=True).aggregate(
+        n=Sum("event_count")
+    )["n"] or 0
+    unaggregated.add_metric(
+        [], in_open_records + UsageEvent.objects.filter(record__isnull=True).count()
+    )
     stored = GaugeMetricFamily(
         "allegro_usage_events_stored",
         "Raw usage events stored (on PostgreSQL the planner's row estimate).",

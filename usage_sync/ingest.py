@@ -16,7 +16,7 @@ from decimal import Decimal, InvalidOperation
 
 from django.db import connection, transaction
 
-from . import metrics
+from . import grouping, metrics
 from .events import COLUMNS, FIELDS, ValidEvent
 from .models import UsageEvent
 
@@ -335,20 +335,6 @@ def _differing(first: ValidEvent, other: ValidEvent) -> tuple[str, ...]:
     return tuple(f for f in CONTENT if getattr(first, f) != getattr(other, f))
 
 
-def insert_sql(source: str, *, order_by: str = "") -> str:
-    """The INSERT of the events in `source` (a FROM item with the COLUMNS) not stored yet.
-
-    Rows come in `source` order unless `order_by` says otherwise; a later row with an
-    event_id already inserted by the statement is skipped, like a stored one.
-    """
-    order = f" ORDER BY {order_by}" if order_by else ""
-    return (
-        f"INSERT INTO {UsageEvent._meta.db_table} ({', '.join(COLUMNS)}, received_at) "
-        f"SELECT {', '.join(f'i.{c}' for c in COLUMNS)}, now() FROM {source}{order} "
-        "ON CONFLICT (event_id) DO NOTHING"
-    )
-
-
 def conflicts_sql(source: str) -> tuple[str, str]:
     """The join of `source` (alias i) to the stored events whose content differs, and a
     select list of one flag per CONTENT field (true where it differs), for `conflict`."""
@@ -370,19 +356,18 @@ def conflict(event_id: str, flags) -> Conflict:
 _PG_TYPES = tuple(f"{f.pg_type}[]" for f in FIELDS)
 
 
-def _arrays(events: list[ValidEvent]) -> tuple[str, list]:
+def _arrays(events: list[ValidEvent]) -> tuple[str, dict]:
     """unnest() over the events' columns: the SQL and its parameters (one array each)."""
-    arrays = ", ".join(f"%s::{pg_type}" for pg_type in _PG_TYPES)
-    params = [list(column) for column in zip(*map(_row, events), strict=True)]
+    arrays = ", ".join(f"%(c{n})s::{pg_type}" for n, pg_type in enumerate(_PG_TYPES))
+    columns = zip(*map(_row, events), strict=True)
+    params = {f"c{n}": list(column) for n, column in enumerate(columns)}
     return f"unnest({arrays}) AS i({', '.join(COLUMNS)})", params
 
 
 def _insert(events: list[ValidEvent]) -> int:
-    # One INSERT … SELECT FROM unnest(arrays): a single round trip per request.
-    source, params = _arrays(events)
-    with connection.cursor() as cursor:
-        cursor.execute(insert_sql(source), params)
-        return cursor.rowcount
+    # One statement over unnest(arrays): a single round trip per request, the events
+    # added into their open records as they are stored (grouping.py).
+    return grouping.store(*_arrays(events))
 
 
 def _conflicts(events: list[ValidEvent]) -> list[Conflict]:

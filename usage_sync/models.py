@@ -1,6 +1,7 @@
 """Raw usage, its aggregation into records and batches, and the sync activity log."""
 
-from datetime import datetime, timedelta
+import dataclasses
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
@@ -13,6 +14,8 @@ from django.utils import timezone
 class RecordStatus(models.TextChoices):
     """Sync status of an aggregated usage record."""
 
+    # Still adding up the events of a window that has not closed; in no batch yet.
+    OPEN = "OPEN", "Open"
     PENDING = "PENDING", "Pending"
     COMPLETE = "COMPLETE", "Complete"
     ERROR = "ERROR", "Error"
@@ -156,15 +159,31 @@ class AggregatedBatch(models.Model):
         return self.pending_count > 0 or self.error_count > 0
 
 
-class UsageRecord(models.Model):
-    """An aggregated usage record: the sum of raw events sharing a window and grouping key."""
+# What makes events add into the same record: the window, the account, the usage type, the
+# grouped qualifiers ('' when not grouped), the rate, and whether they are priced upstream
+# (an amount given) or rated by Aria: a sum must bill the same money. The open-record key.
+RECORD_KEY = (
+    "usage_date", "window_end", "client_acct_id", "acct_no", "usage_type_code", "usage_type",
+    "qualifier_1", "qualifier_2", "qualifier_3", "qualifier_4", "rate",
+)
 
-    # Indexed by record_batch_status, which starts with batch_id.
+
+class UsageRecord(models.Model):
+    """An aggregated usage record: the sum of raw events sharing a window and grouping key.
+
+    Ingest adds each event into its window's OPEN record (batch empty); when the window
+    closes, aggregation numbers the open records into batches and they become PENDING.
+    """
+
+    # Indexed by record_batch_status, which starts with batch_id. Empty while OPEN.
     batch = models.ForeignKey(
-        AggregatedBatch, on_delete=models.PROTECT, related_name="records", db_index=False
+        AggregatedBatch, on_delete=models.PROTECT, related_name="records", db_index=False,
+        null=True, blank=True,
     )
     # Deterministic and unique: the only way to map bulk_record_usage_m results back.
-    client_record_id = models.CharField(max_length=50)
+    # Given when the record's window closes (AU<batch>-<position>); NULL until then, as
+    # the unique constraint takes NULLs as distinct and '' would not be.
+    client_record_id = models.CharField(max_length=50, null=True, blank=True)  # noqa: DJ001
     client_acct_id = models.CharField(max_length=50, blank=True, default="")
     acct_no = models.BigIntegerField(null=True, blank=True)
     usage_type_code = models.CharField(max_length=30, blank=True, default="")
@@ -180,6 +199,7 @@ class UsageRecord(models.Model):
     amount = models.DecimalField(max_digits=28, decimal_places=2, null=True, blank=True)
     rate = models.DecimalField(max_digits=18, decimal_places=5, null=True, blank=True)
     usage_date = models.DateTimeField(help_text="Start of the aggregation window.")
+    window_end = models.DateTimeField(help_text="End of the aggregation window.")
     event_count = models.PositiveIntegerField()
     status = models.CharField(
         max_length=16, choices=RecordStatus.choices, default=RecordStatus.PENDING
@@ -203,6 +223,12 @@ class UsageRecord(models.Model):
         constraints = [
             # A constraint, not unique=True: no extra LIKE index to maintain on every insert.
             models.UniqueConstraint(fields=["client_record_id"], name="record_unique_client_id"),
+            # One open record per key: ingest's ON CONFLICT adds into it. Also how
+            # aggregation finds the open records of closed windows (usage_date first).
+            models.UniqueConstraint(
+                *map(models.F, RECORD_KEY), models.Q(amount__isnull=True),
+                condition=Q(batch__isnull=True), nulls_distinct=False, name="record_open_key",
+            ),
         ]
         indexes = [
             # Sync loads a batch's PENDING records; the error summary groups a batch's
@@ -217,7 +243,7 @@ class UsageRecord(models.Model):
         ]
 
     def __str__(self):
-        return self.client_record_id
+        return self.client_record_id or f"open record {self.pk}"
 
 
 class UsageEvent(models.Model):
@@ -238,7 +264,8 @@ class UsageEvent(models.Model):
     qualifier_4 = models.CharField(max_length=300, blank=True, default="")
     comments = models.TextField(blank=True, default="")
     received_at = models.DateTimeField(default=timezone.now)
-    # Set once, by aggregation, in the same transaction that creates the record.
+    # Set once, by ingest, in the statement that adds the event into its open record (by
+    # aggregation for events stored without one, e.g. before records were opened at ingest).
     record = models.ForeignKey(
         UsageRecord, null=True, blank=True, on_delete=models.PROTECT, related_name="events"
     )
@@ -267,6 +294,17 @@ class UsageEvent(models.Model):
 
     def __str__(self):
         return self.event_id
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupingRule:
+    """How events are grouped into records: the window length and the grouped qualifiers."""
+
+    frequency_minutes: int
+    qualifiers: tuple[int, ...]
 
 
 class AggregationConfig(models.Model):
@@ -298,6 +336,11 @@ class AggregationConfig(models.Model):
     enabled = models.BooleanField(default=True)
     last_run_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(default=timezone.now)
+    # An edit of the frequency or grouping applies from the next window on (`edited`):
+    # events dated before `rule_changes_at` keep `previous_rule`, the rule in force when
+    # the edit was made, so the records of a window that has started are never mixed.
+    rule_changes_at = models.DateTimeField(null=True, blank=True)
+    previous_rule = models.JSONField(default=dict, blank=True)
 
     class Meta:
         verbose_name = "aggregate usage configuration"
@@ -322,6 +365,40 @@ class AggregationConfig(models.Model):
     @property
     def grouped_qualifiers(self) -> list[int]:
         return [n for n in range(1, 5) if getattr(self, f"group_by_qualifier_{n}")]
+
+    @property
+    def rule(self) -> GroupingRule:
+        """The frequency and grouping as edited (in force from `rule_changes_at` on)."""
+        return GroupingRule(self.frequency_minutes, tuple(self.grouped_qualifiers))
+
+    def rule_at(self, moment: datetime) -> GroupingRule:
+        """The rule events dated `moment` are grouped by."""
+        if self.rule_changes_at and moment < self.rule_changes_at and self.previous_rule:
+            return GroupingRule(
+                self.previous_rule["frequency_minutes"], tuple(self.previous_rule["qualifiers"])
+            )
+        return self.rule
+
+    def edited(self, *, in_force: GroupingRule, now: datetime) -> None:
+        """Apply an edit of the frequency or grouping from the next window on.
+
+        `in_force` is `rule_at(now)` from before the edit. The change waits for the next
+        start of a window of the longer of the two frequencies (windows are aligned to the
+        Unix epoch, and each frequency divides the longer ones), so no window is cut.
+        The console and the admin call this; saving the model directly applies at once.
+        """
+        if self.rule == in_force:
+            if self.rule_changes_at and self.rule_changes_at > now:
+                # Edited back before the change applied: nothing changes.
+                self.rule_changes_at, self.previous_rule = None, {}
+            return
+        step = 60 * max(self.rule.frequency_minutes, in_force.frequency_minutes)
+        elapsed = -(-int((now - _EPOCH).total_seconds()) // step) * step
+        self.rule_changes_at = _EPOCH + timedelta(seconds=elapsed)
+        self.previous_rule = {
+            "frequency_minutes": in_force.frequency_minutes,
+            "qualifiers": list(in_force.qualifiers),
+        }
 
     def is_due(self, now) -> bool:
         """Tell whether the scheduler should aggregate now."""

@@ -5,11 +5,13 @@ Every invariant is one set-based SQL statement that returns only the rows that b
 
 events ↔ records
   - each record's event_count, usage_units and amount equal the count and sums of the
-    events linked to it (an event is linked to at most one record: a foreign key);
+    events linked to it (an event is linked to at most one record: a foreign key), OPEN
+    records included;
   - each linked event shares its record's account, usage type, rate, pricing, grouped
-    qualifiers, and lies in its batch's window; each record's date is its batch's window;
-  - no event of a window that was closed at the last aggregation run, received before
-    that run, is left unlinked (the run should have aggregated it).
+    qualifiers, and lies in its record's window; a record in a batch has its batch's
+    window, and only OPEN records have none;
+  - no event is left without a record, and no record left OPEN, though its window had
+    ended when the last aggregation run began (the run should have closed it).
 batches ↔ records
   - total, pending, completed, error (ERROR + INCOMPLETE) and ignored counters equal the
     counts of the batch's records by status; no batch is empty;
@@ -32,7 +34,6 @@ from datetime import datetime
 
 from django.db import connection, transaction
 
-from .aggregation import window_boundary
 from .billing import AriaClient, AriaTransportError, aria_date
 from .models import (
     RECORD_COUNTS_SQL,
@@ -131,7 +132,7 @@ def _check_counts(cursor, scope: _Scope, report: ReconcileReport) -> None:
     )
     by_status = {status: (n, sent) for status, n, sent in cursor.fetchall()}
     report.checked["records"] = sum(n for n, _ in by_status.values())
-    for status in ("PENDING", "COMPLETE", "ERROR", "IGNORED", "INCOMPLETE"):
+    for status in ("OPEN", "PENDING", "COMPLETE", "ERROR", "IGNORED", "INCOMPLETE"):
         report.checked[f"records_{status.lower()}"] = by_status.get(status, (0, 0))[0]
     report.checked["records_in_doubt"] = by_status.get("PENDING", (0, 0))[1]
     cursor.execute(
@@ -174,10 +175,9 @@ def _check_event_links(cursor, scope: _Scope, report: ReconcileReport) -> None:
         f"(r.qualifier_{n} = '' OR r.qualifier_{n} = e.qualifier_{n})" for n in range(1, 5)
     )
     sql = f"""
-        SELECT e.id, e.event_id, r.client_record_id, b.id
+        SELECT e.id, e.event_id, COALESCE(r.client_record_id, 'id ' || r.id), r.batch_id
         FROM {_EVENT} e
         JOIN {_RECORD} r ON r.id = e.record_id
-        JOIN {_BATCH} b ON b.id = r.batch_id
         WHERE {scope.on('r.usage_date')}
           AND NOT (e.client_acct_id = r.client_acct_id
                    AND COALESCE(e.acct_no, 0) = COALESCE(r.acct_no, 0)
@@ -185,60 +185,77 @@ def _check_event_links(cursor, scope: _Scope, report: ReconcileReport) -> None:
                    AND COALESCE(e.usage_type, 0) = COALESCE(r.usage_type, 0)
                    AND COALESCE(e.rate, -1) = COALESCE(r.rate, -1)
                    AND (e.amount IS NULL) = (r.amount IS NULL)
-                   AND e.usage_date >= b.window_start AND e.usage_date < b.window_end
+                   AND e.usage_date >= r.usage_date AND e.usage_date < r.window_end
                    AND {qualifiers})
     """
 
     def line(_id, event_id, cid, batch_id):
+        batch = f"batch {batch_id}" if batch_id else "open"
         return (
-            f"event {event_id} is linked to record {cid} (batch {batch_id}) but does not "
+            f"event {event_id} is linked to record {cid} ({batch}) but does not "
             "belong in its group or window"
         )
 
     report.checked["events_misplaced"] = _report(cursor, report, sql, scope.params, line)
     sql = f"""
-        SELECT r.id, r.client_record_id, r.usage_date, b.id, b.window_start
-        FROM {_RECORD} r JOIN {_BATCH} b ON b.id = r.batch_id
-        WHERE {scope.on('r.usage_date')} AND r.usage_date <> b.window_start
+        SELECT r.id, COALESCE(r.client_record_id, 'id ' || r.id), r.status, r.usage_date,
+               r.window_end, b.id, b.window_start, b.window_end
+        FROM {_RECORD} r LEFT JOIN {_BATCH} b ON b.id = r.batch_id
+        WHERE {scope.on('r.usage_date')}
+          AND CASE WHEN b.id IS NULL THEN r.status <> 'OPEN' OR r.client_record_id IS NOT NULL
+                   ELSE r.status = 'OPEN' OR r.client_record_id IS NULL
+                        OR r.usage_date <> b.window_start OR r.window_end > b.window_end END
     """
 
-    def line(_id, cid, usage_date, batch_id, window_start):
+    def line(_id, cid, status, usage_date, window_end, batch_id, start, end):
+        if batch_id is None:
+            return f"record {cid} is {status} with no batch (only OPEN records have none)"
         return (
-            f"record {cid} is dated {usage_date} but batch {batch_id}'s window starts "
-            f"{window_start}"
+            f"record {cid} ({status}, window {usage_date} to {window_end}) does not fit "
+            f"batch {batch_id} (window {start} to {end}, OPEN records have no batch)"
         )
 
     report.checked["records_misdated"] = _report(cursor, report, sql, scope.params, line)
 
 
 def _check_unaggregated(cursor, scope: _Scope, report: ReconcileReport) -> None:
-    """No event the last aggregation run should have aggregated is left unlinked."""
+    """No event is without a record, and no record OPEN that the last run should have
+    closed: its window had ended (lateness grace included) when that run began."""
     config = AggregationConfig.objects.filter(pk=1).first()
-    if config is None or config.last_run_at is None:
-        report.checked["events_left_behind"] = 0
-        return
-    boundary = window_boundary(
-        now=config.last_run_at, frequency=config.frequency, grace=config.lateness_grace
-    )
-    params = {
-        **scope.params,
-        "boundary": connection.ops.adapt_datetimefield_value(boundary),
-        "last_run": connection.ops.adapt_datetimefield_value(config.last_run_at),
-    }
-    # Received after the last run: a late event waiting for the next one, not a problem.
     sql = f"""
         SELECT id, event_id, usage_date FROM {_EVENT}
-        WHERE record_id IS NULL AND usage_date < %(boundary)s AND received_at < %(last_run)s
-          AND {scope.on('usage_date')}
+        WHERE record_id IS NULL AND {scope.on('usage_date')}
     """
 
     def line(_id, event_id, usage_date):
+        return f"event {event_id} ({usage_date}) is in no record"
+
+    report.checked["events_left_behind"] = _report(cursor, report, sql, scope.params, line)
+    if config is None or config.last_run_at is None:
+        report.checked["records_left_open"] = 0
+        return
+    params = {
+        **scope.params,
+        "horizon": connection.ops.adapt_datetimefield_value(
+            config.last_run_at - config.lateness_grace
+        ),
+        "last_run": connection.ops.adapt_datetimefield_value(config.last_run_at),
+    }
+    # Opened after the last run (a late event): it waits for the next one, not a problem.
+    sql = f"""
+        SELECT id, usage_date, window_end FROM {_RECORD}
+        WHERE batch_id IS NULL AND window_end <= %(horizon)s AND created_at < %(last_run)s
+          AND {scope.on('usage_date')}
+    """
+
+    def line(record_id, usage_date, window_end):
         return (
-            f"event {event_id} ({usage_date}) is not aggregated, though its window closed "
-            f"before the last aggregation run ({config.last_run_at.isoformat()})"
+            f"record id {record_id} (window {usage_date} to {window_end}) is still OPEN, "
+            f"though its window had ended before the last aggregation run "
+            f"({config.last_run_at.isoformat()})"
         )
 
-    report.checked["events_left_behind"] = _report(cursor, report, sql, params, line)
+    report.checked["records_left_open"] = _report(cursor, report, sql, params, line)
 
 
 def _check_batches(cursor, scope: _Scope, report: ReconcileReport) -> None:
@@ -285,7 +302,7 @@ _DATABASE_CHECKS = (
 
 
 def _accounts(since: datetime | None) -> list[tuple[str, int | None]]:
-    records = UsageRecord.objects.all()
+    records = UsageRecord.objects.filter(batch__isnull=False)
     if since:
         records = records.filter(usage_date__gte=since)
     # order_by(): the model ordering (id) would make DISTINCT keep one row per record.
@@ -295,7 +312,7 @@ def _accounts(since: datetime | None) -> list[tuple[str, int | None]]:
 
 def _check_aria(scope: _Scope, client: AriaClient, report, advance) -> None:
     """Compare what core Aria holds for our accounts with the records' statuses."""
-    records = UsageRecord.objects.all()
+    records = UsageRecord.objects.filter(batch__isnull=False)
     if scope.since:
         records = records.filter(usage_date__gte=scope.since)
     span = records.values_list("usage_date", flat=True)

@@ -1,5 +1,6 @@
-"""Store many validated events set-based: COPY them into a temporary table, then one
-INSERT … SELECT into the events, with ingest's duplicate and conflict rules.
+"""Store many validated events set-based: COPY them into a temporary table, then ingest's
+own statements (grouping.store) into the events and their open records, with ingest's
+duplicate and conflict rules.
 
 The file import uses it inside its transaction: `EventStage.create`, `rows()` while it
 reads the file, then `store()`.
@@ -11,8 +12,9 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from . import grouping
 from .events import COLUMNS, FIELDS
-from .ingest import Conflict, conflict, conflicts_sql, count_ingested_on_commit, insert_sql
+from .ingest import Conflict, conflict, conflicts_sql, count_ingested_on_commit
 
 STAGE = "usage_event_stage"
 _COLUMNS = ", ".join(f"{field.name} {field.pg_type}" for field in FIELDS)
@@ -69,15 +71,15 @@ class EventStage:
             yield add
 
     def store(self, *, max_conflicts: int) -> StageResult:
-        """Insert the staged events not stored yet, in one statement; count duplicates.
+        """Store the staged events not stored yet, set-based; count duplicates.
 
         As ingest.store_events: an event_id stored (or earlier in the stage) with the same
         content is a duplicate; with other content it is a conflict, and then the caller
         must roll back. The metrics are counted on commit when nothing conflicts.
         """
         cursor = self.cursor
-        cursor.execute(insert_sql(f"{STAGE} i", order_by=_LOCK_ORDER))
-        created = cursor.rowcount
+        # Each event added into its open record as it is stored (grouping.py).
+        created = grouping.store(f"{STAGE} i", {}, order_by=_LOCK_ORDER)
         conflicts: list[tuple[int, Conflict]] = []
         count = 0
         if created < self.rows_staged:

@@ -84,6 +84,26 @@ def test_saving_the_configuration_logs_the_changes():
                                              "group_by_qualifier_1"}
 
 
+def test_a_new_frequency_or_grouping_applies_from_the_next_window_and_says_when():
+    client, _ = config_client()
+    AggregationConfig.load()
+    before = timezone.now()
+
+    response = client.post(reverse("console:config"), CONFIG, follow=True)
+
+    config = AggregationConfig.load()
+    # Hourly to every 15 minutes: from the next full hour, the longer of the two windows.
+    assert config.rule_changes_at > before
+    assert config.rule_changes_at.minute == config.rule_changes_at.second == 0
+    assert config.previous_rule == {"frequency_minutes": 60, "qualifiers": []}
+    assert config.rule_at(before).frequency_minutes == 60
+    page = response.content.decode()
+    assert "apply from the next window on, at" in page
+    assert 'id="rule-change"' in page and "grouped hourly by account and usage type" in page
+    entry = SyncActivity.objects.get(action_name="CONFIG_CHANGE")
+    assert entry.details["rule_applies_from"] == config.rule_changes_at.isoformat()
+
+
 def test_the_configuration_form_explains_invalid_values():
     client, _ = config_client()
     response = client.post(reverse("console:config"), {**CONFIG, "batch_size": 0,

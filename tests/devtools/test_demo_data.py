@@ -25,7 +25,7 @@ def test_it_loads_events_for_known_and_unknown_accounts_and_aggregates_them():
     assert events.exclude(qualifier_1="").exists()
     assert events.filter(amount__isnull=False).exists()
     # Two days of events: all but the still-open latest window are aggregated at once.
-    aggregated = events.filter(record__isnull=False).count()
+    aggregated = events.filter(record__batch__isnull=False).count()
     assert aggregated > 2700
     assert UsageRecord.objects.filter(client_acct_id__startswith="UNKNOWN-").exists()
     assert f"aggregated {aggregated} events" in output

@@ -24,7 +24,7 @@ KEYS = {
     },
     "soak_console": {"pages"},
     "soak_summary": {
-        "seconds", "rate", "drained", "errors", "failed_tasks", "warnings", "invariants",
+        "seconds", "rate", "drained", "errors", "failed_tasks", "invariants",
         "problems", "ok", "machine",
     },
 }

@@ -157,7 +157,9 @@ class FaultStack(SyncStack):
         """Wait until every event is aggregated and no record is PENDING, then prove that
         nothing was lost or billed twice."""
         try:
-            wait_for(lambda: not UsageEvent.objects.filter(record__isnull=True).exists(),
+            # Ingested into closed windows: aggregated once no record is OPEN any more.
+            wait_for(lambda: not UsageRecord.objects.filter(batch__isnull=True).exists()
+                     and not UsageEvent.objects.filter(record__isnull=True).exists(),
                      timeout=timeout, what="every event to be aggregated", interval=0.5)
         except TimeoutError:
             raise AssertionError(f"events left unaggregated\n{self.logs()[-5000:]}") from None

@@ -21,18 +21,19 @@ def test_a_connection_dropped_mid_aggregation_rolls_back_and_the_next_run_aggreg
     stack.configure(batch_size=4)
     stack.start_worker("w")
     stack.wait_until_ready()
-    # The worker's run stages, inserts batches and records, then waits for this row to
-    # link the events: the connection dies mid-transaction.
-    with stack.row_lock(UsageEvent._meta.db_table, UsageEvent.objects.order_by("id").last().id):
+    # The worker's run stages the open records, inserts batches, then waits for this row
+    # to close it: the connection dies mid-transaction.
+    with stack.row_lock(UsageRecord._meta.db_table, UsageRecord.objects.order_by("id").last().id):
         stack.tick_aggregation()
-        [pid] = wait_for(lambda: stack.worker_backends(blocked_on="usage_sync_usageevent"),
-                         timeout=60, what="the aggregation to wait at the link step")
+        [pid] = wait_for(lambda: stack.worker_backends(blocked_on="usage_sync_usagerecord"),
+                         timeout=60, what="the aggregation to wait at the close step")
         stack.terminate(pid)
     wait_for(lambda: "aggregate_usage_if_due" in stack.logs() and "raised" in stack.logs(),
              timeout=30, what="the aggregation task to fail")
     assert not AggregatedBatch.objects.exists()
-    assert not UsageRecord.objects.exists()
-    assert not UsageEvent.objects.filter(record__isnull=False).exists()
+    # Rolled back whole: every record still OPEN, every event still in its record.
+    assert set(UsageRecord.objects.values_list("status", "batch")) == {("OPEN", None)}
+    assert not UsageEvent.objects.filter(record__isnull=True).exists()
 
     # Beat's next tick (a minute later) runs it again, as the run is still due. The same
     # worker processes must have dropped their dead connection by then.

@@ -11,7 +11,6 @@ from usage_sync.models import (
     AggregatedBatch,
     RecordStatus,
     SyncActivity,
-    UsageEvent,
     UsageRecord,
 )
 from usage_sync.publishing import publish_batches
@@ -24,15 +23,15 @@ def test_a_worker_killed_mid_aggregation_leaves_nothing_half_done(stack):
     stack.configure(batch_size=3)
     doomed = stack.start_worker("doomed")
     stack.wait_until_ready()
-    with stack.row_lock(UsageEvent._meta.db_table, UsageEvent.objects.order_by("id").last().id):
+    with stack.row_lock(UsageRecord._meta.db_table, UsageRecord.objects.order_by("id").last().id):
         stack.tick_aggregation()
-        [pid] = wait_for(lambda: stack.worker_backends(blocked_on="usage_sync_usageevent"),
-                         timeout=60, what="the aggregation to wait at the link step")
+        [pid] = wait_for(lambda: stack.worker_backends(blocked_on="usage_sync_usagerecord"),
+                         timeout=60, what="the aggregation to wait at the close step")
         doomed.kill()
     # Its backend notices the dead client once the lock is free, and rolls back.
     wait_for(lambda: pid not in stack.worker_backends(), timeout=30,
              what="the dead worker's backend to end")
-    assert not UsageRecord.objects.exists()
+    assert set(UsageRecord.objects.values_list("status", "batch")) == {("OPEN", None)}
     assert not AggregatedBatch.objects.exists()
 
     stack.start_worker("doomed")  # restarted by its supervisor

@@ -125,8 +125,10 @@ def test_the_event_page_says_where_the_event_went_or_when_its_window_closes(cons
     store_events(events)
     overdue = console.get(reverse("console:event"), {"id": "late-1"}).content.decode()
     # Hourly windows, 5 minutes of grace: 10:00-11:00 closed at 11:05.
+    late = UsageEvent.objects.get(event_id="late-1").record
+    assert f"open record {late.pk}" in overdue and "OPEN" in overdue
     assert "its window closed at 2026-12-01 11:05 UTC" in overdue
-    assert "the next aggregation run takes it in" in overdue
+    assert "the next aggregation run puts it into a batch" in overdue
 
     events, _ = validate_events([{
         "event_id": "now-1", "client_acct_id": "ACME-1", "usage_type_code": "GB",
@@ -135,7 +137,7 @@ def test_the_event_page_says_where_the_event_went_or_when_its_window_closes(cons
     store_events(events)
     waiting = console.get(reverse("console:event"), {"id": "now-1"}).content.decode()
     closes_at = trail.window_closes_at(UsageEvent.objects.get(event_id="now-1"))
-    assert f"waiting for its window to close at {closes_at:%Y-%m-%d %H:%M} UTC" in waiting
+    assert f"into a batch when its window closes at {closes_at:%Y-%m-%d %H:%M} UTC" in waiting
     assert console.get(reverse("console:event"), {"id": "nobody"}).status_code == 404
 
 

@@ -3,11 +3,10 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from django.db import connections
+from django.db import connections, transaction
 from django.db.models import F, Sum
 
 from tests.factories import UsageEventFactory
-from usage_sync import aggregation
 from usage_sync.aggregation import aggregate_usage, window_boundary
 from usage_sync.ingest import store_events, validate_events
 from usage_sync.models import (
@@ -86,7 +85,8 @@ def test_only_closed_windows_are_aggregated_after_the_grace_period():
     result = aggregate_usage(now=NOW)
 
     assert result.events == 1
-    assert UsageEvent.objects.get(usage_date=at(23, 30)).record is None
+    waiting = UsageEvent.objects.get(usage_date=at(23, 30)).record
+    assert (waiting.status, waiting.batch, waiting.window_end) == ("OPEN", None, at(24))
     assert aggregate_usage(now=NOW + timedelta(minutes=5)).events == 1
 
 
@@ -247,42 +247,70 @@ def test_two_concurrent_runs_never_double_count():
     assert_invariants()
 
 
+def store(*raw) -> None:
+    events, errors = validate_events(list(raw))
+    assert not errors
+    store_events(events)
+
+
+def usage(event_id: str, hour: int, minute: int, units: str, account: str = "A") -> dict:
+    return {"event_id": event_id, "client_acct_id": account, "usage_type_code": "API_CALLS",
+            "usage_units": units, "usage_date": at(hour, minute).isoformat()}
+
+
 @pytest.mark.django_db(transaction=True)
-def test_an_event_arriving_mid_run_waits_for_the_next_run(monkeypatch):
+def test_an_event_added_while_its_window_closes_is_in_the_closed_record():
     configure(frequency_minutes=60)
-    UsageEventFactory(client_acct_id="A", usage_date=at(9), usage_units="5")
-    original = aggregation._Sql.link_events
-    inserted = []
+    store(usage("first", 9, 0, "5"))
+    added, release, runs = threading.Event(), threading.Event(), []
 
-    def link_events_after_a_concurrent_insert(self):
-        # Another connection commits an event of the same group between staging and linking.
-        if not inserted:
-            thread = threading.Thread(target=insert_straggler)
-            thread.start()
-            thread.join()
-        return original(self)
+    def ingest_and_hold():
+        # An ingest adds into the open record and has not committed when the run closes it.
+        try:
+            with transaction.atomic():
+                store(usage("straggler", 9, 30, "2"))
+                added.set()
+                release.wait(10)
+        finally:
+            connections.close_all()
 
-    def insert_straggler():
-        UsageEventFactory(client_acct_id="A", usage_date=at(9, 30), usage_units="2")
-        inserted.append(True)
-        connections.close_all()
+    def close():
+        try:
+            runs.append(aggregate_usage(now=NOW))
+        finally:
+            connections.close_all()
 
-    monkeypatch.setattr(aggregation._Sql, "link_events", link_events_after_a_concurrent_insert)
+    ingesting = threading.Thread(target=ingest_and_hold)
+    ingesting.start()
+    assert added.wait(10)
+    closing = threading.Thread(target=close)
+    closing.start()
+    closing.join(1)
+    assert closing.is_alive()  # the close waits for the ingest's row lock
+    release.set()
+    ingesting.join(10)
+    closing.join(10)
 
-    result = aggregate_usage(now=NOW)
+    record = UsageRecord.objects.get()
+    assert (record.status, record.usage_units, record.event_count) == ("PENDING", 7, 2)
+    assert set(record.events.values_list("event_id", flat=True)) == {"first", "straggler"}
+    assert (runs[0].records, runs[0].events) == (1, 2)
+    assert_invariants()
 
-    # The run reads one snapshot: the straggler committed mid-run is not linked to the
-    # record made from the events it staged (that would bill units nobody summed), and
-    # the run does not fail either (under steady late usage it would fail every time).
-    assert (result.events, result.records) == (1, 1)
-    assert UsageRecord.objects.get().usage_units == Decimal("5")
-    assert UsageEvent.objects.filter(record__isnull=True).count() == 1
 
-    later = aggregate_usage(now=NOW)
+def test_an_event_arriving_after_its_window_closed_opens_a_record_for_a_later_batch():
+    configure(frequency_minutes=60)
+    store(usage("first", 9, 0, "5"))
+    [closed] = aggregate_usage(now=NOW).batch_ids
 
-    assert (later.events, later.records) == (1, 1)
-    assert sorted(UsageRecord.objects.values_list("usage_units", flat=True)) == [
-        Decimal("2"), Decimal("5")
+    store(usage("late", 9, 30, "2"))
+    late = UsageEvent.objects.get(event_id="late").record
+
+    assert (late.status, late.batch) == ("OPEN", None)
+    [later] = aggregate_usage(now=NOW).batch_ids
+    assert AggregatedBatch.objects.get(pk=later).sequence == 2
+    assert sorted(UsageRecord.objects.values_list("batch_id", "usage_units")) == [
+        (closed, 5), (later, 2)
     ]
     assert_invariants()
 

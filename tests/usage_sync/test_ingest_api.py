@@ -22,7 +22,11 @@ def test_it_stores_a_list_of_events(api_client):
     stored = UsageEvent.objects.get(event_id="api-00000003")
     assert stored.client_acct_id == "ACCT-3"
     assert stored.usage_units == Decimal("2.5")
-    assert stored.record is None
+    # Added into the open record of its window and key, which no batch holds yet.
+    assert (stored.record.status, stored.record.batch, stored.record.client_record_id) == (
+        "OPEN", None, None
+    )
+    assert stored.record.events.count() == stored.record.event_count
 
 
 def test_a_resent_event_id_is_counted_as_a_duplicate_and_stored_once(api_client):

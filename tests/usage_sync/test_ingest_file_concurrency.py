@@ -113,4 +113,6 @@ def _inserting() -> int:
 
 
 def _waiting_on_locks() -> int:
-    return _activity("wait_event_type = 'Lock' AND query LIKE '%%INSERT INTO usage_sync%%'")
+    # The store's statement is longer than pg_stat_activity keeps: any query waiting on a
+    # lock (only the holder and the imports are connected).
+    return _activity("wait_event_type = 'Lock' AND state = 'active'")

@@ -146,15 +146,17 @@ def test_it_stores_the_whole_file_with_one_insert_statement(tmp_path):
     statements = []
 
     def record(execute, sql, params, many, context):
-        statements.append(sql.split("(")[0].strip())
+        statements.append(" ".join(sql.split()))
         return execute(sql, params, many, context)
 
     with connection.execute_wrapper(record):
         run(path)
 
-    # The rows themselves go through COPY, which no execute wrapper sees.
-    assert statements.count("INSERT INTO usage_sync_usageevent") == 1
+    # The rows themselves go through COPY, which no execute wrapper sees; the events and
+    # their open records are written by ingest's one statement, whatever the file's size.
+    assert sum("INSERT INTO usage_sync_usageevent" in sql for sql in statements) == 1
     assert UsageEvent.objects.count() == 600
+    assert not UsageEvent.objects.filter(record__isnull=True).exists()
 
 
 def test_one_bad_line_stores_nothing_and_names_the_line_and_field(tmp_path):
@@ -369,8 +371,8 @@ def test_the_debug_query_log_does_not_grow_with_the_file(tmp_path, settings):
 
     run(path)
 
-    assert len(connection.queries) < 10
-    assert sum(len(query["sql"]) for query in connection.queries) < 5000
+    assert len(connection.queries) < 20
+    assert sum(len(query["sql"]) for query in connection.queries) < 10_000
 
 
 def test_the_same_event_twice_in_a_file_is_stored_once_and_counted_as_a_duplicate(tmp_path):

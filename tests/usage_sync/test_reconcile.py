@@ -13,6 +13,7 @@ from django.core.management import CommandError, call_command
 from django.db.models import F
 from django.utils import timezone
 
+from tests.factories import UsageEventFactory
 from tests.services import AUTH_KEY, CLIENT_NO, Simulator
 from usage_sync import reconcile as reconcile_module
 from usage_sync.aggregation import aggregate_usage
@@ -175,7 +176,7 @@ def test_an_event_of_another_account_linked_to_a_record_is_named(synced):
                for p in report.problems)
 
 
-def test_an_event_the_last_run_should_have_aggregated_is_named_but_a_late_one_is_not(synced):
+def test_a_record_the_last_run_should_have_closed_is_named_but_a_late_one_is_not(synced):
     config = AggregationConfig.load()
     run = timezone.now()
     config.last_run_at = run
@@ -183,19 +184,32 @@ def test_an_event_the_last_run_should_have_aggregated_is_named_but_a_late_one_is
     events, _ = validate_events([
         {"event_id": "forgotten", "client_acct_id": "ACME-001", "usage_type_code": "API_CALLS",
          "usage_units": "1", "usage_date": "2026-11-20T05:00:00Z"},
-        {"event_id": "late", "client_acct_id": "ACME-001", "usage_type_code": "API_CALLS",
+        {"event_id": "late", "client_acct_id": "ACME-002", "usage_type_code": "API_CALLS",
          "usage_units": "1", "usage_date": "2026-11-20T05:00:00Z"},
     ])
     store_events(events)
-    UsageEvent.objects.filter(event_id="forgotten").update(received_at=run - timedelta(hours=1))
-    UsageEvent.objects.filter(event_id="late").update(received_at=run + timedelta(seconds=1))
+    forgotten = UsageEvent.objects.get(event_id="forgotten").record
+    UsageRecord.objects.filter(pk=forgotten.pk).update(created_at=run - timedelta(hours=1))
+    UsageRecord.objects.filter(events__event_id="late").update(
+        created_at=run + timedelta(seconds=1)
+    )
 
     report = reconcile(client=synced, check_aria=False)
 
     [line] = report.problems
-    assert line.startswith("event forgotten (2026-11-20 05:00:00")
-    assert "is not aggregated, though its window closed before the last" in line
-    assert report.checked["events_unlinked"] == 2
+    assert line.startswith(f"record id {forgotten.pk} (window 2026-11-20 05:00:00")
+    assert "is still OPEN, though its window had ended before the last" in line
+    assert (report.checked["records_open"], report.checked["events_unlinked"]) == (2, 0)
+
+
+def test_an_event_in_no_record_is_named(synced):
+    UsageEventFactory(event_id="orphan")
+
+    report = reconcile(client=synced, check_aria=False)
+
+    assert report.problems == [
+        f"event orphan ({UsageEvent.objects.get(event_id='orphan').usage_date}) is in no record"
+    ]
 
 
 def test_a_complete_record_core_aria_does_not_hold_is_named(synced, aria):

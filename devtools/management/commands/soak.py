@@ -94,8 +94,6 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(result))
         self.stdout.flush()
         summary = results[-1]
-        for warning in summary["warnings"]:
-            self.stderr.write(f"WARNING: {warning}")
         if not summary["ok"]:
             invariants = summary["invariants"]
             for problem in invariants["problems"]:

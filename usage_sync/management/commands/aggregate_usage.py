@@ -35,8 +35,7 @@ class Command(BaseCommand):
             advance(0, note=STEPS[0])
 
             def on_step(step: str) -> None:
-                # The note names the step under way. A retry after a race with ingest
-                # repeats steps; the bar counts each once.
+                # The note names the step under way; the bar counts each step once.
                 following = STEPS[STEPS.index(step) + 1 :]
                 advance(0 if step in done else 1, note=following[0] if following else "done")
                 done.add(step)
@@ -47,6 +46,6 @@ class Command(BaseCommand):
             )
         self.stdout.write(
             f"Aggregated {result.events} events into {result.records} records "
-            f"in {result.batches} batches (windows ending before {result.boundary.isoformat()}) "
+            f"in {result.batches} batches (windows ended by {result.boundary.isoformat()}) "
             f"in {time.monotonic() - started:.1f} s."
         )

@@ -1,0 +1,117 @@
+"""Open records: ingest adds each event into its window's open record; the money invariants
+hold under parallel ingest; a change of frequency or grouping applies from the next window."""
+
+import random
+import threading
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from django.db import connections
+from django.db.models import Sum
+
+from usage_sync.aggregation import aggregate_usage
+from usage_sync.ingest import store_events, validate_events
+from usage_sync.models import AggregationConfig, GroupingRule, UsageEvent, UsageRecord
+from usage_sync.reconcile import reconcile
+
+DAY = datetime(2026, 11, 20, tzinfo=UTC)
+
+
+def at(hour: int, minute: int = 0) -> datetime:
+    return DAY + timedelta(hours=hour, minutes=minute)
+
+
+def usage(event_id: str, when: datetime, units: str = "1", account: str = "A", **more) -> dict:
+    return {"event_id": event_id, "client_acct_id": account, "usage_type_code": "API_CALLS",
+            "usage_units": units, "usage_date": when.isoformat(), **more}
+
+
+def store(*raw: dict):
+    events, errors = validate_events(list(raw))
+    assert not errors
+    return store_events(events)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_parallel_clients_sending_the_same_keys_and_ids_bill_each_event_once():
+    # 600 events over 4 accounts, 2 hours, priced and unpriced: few keys, all hot. Four
+    # clients each send all of them, shuffled, in requests of 40: every key and every
+    # event_id is contended, and each client re-sends what the others stored.
+    rng = random.Random(7)
+    raw = [
+        usage(f"e{n}", at(9 + n % 2, n % 60), units=f"{n % 7 + 1}.25",
+              account=f"ACCT-{n % 4}", **({"amount": f"{n % 5}.10"} if n % 3 == 0 else {}))
+        for n in range(600)
+    ]
+    created, failures = [], []
+
+    def client(seed: int) -> None:
+        mine = raw[:]
+        random.Random(seed).shuffle(mine)
+        try:
+            for start in range(0, len(mine), 40):
+                created.append(store(*mine[start:start + 40]).created)
+        except Exception as exc:
+            failures.append(repr(exc))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=client, args=(rng.random(),)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+    assert failures == []
+    assert sum(created) == UsageEvent.objects.count() == 600
+    expected = sum(Decimal(e["usage_units"]) for e in raw)
+    assert UsageRecord.objects.aggregate(units=Sum("usage_units"))["units"] == expected
+    assert UsageRecord.objects.aggregate(n=Sum("event_count"))["n"] == 600
+    # One open record per key: 4 accounts (each in one hour) × priced or not.
+    assert UsageRecord.objects.filter(status="OPEN").count() == 8
+    result = aggregate_usage(now=at(12))
+    assert (result.events, result.records) == (600, 8)
+    report = reconcile(check_aria=False)
+    assert report.ok, report.problems
+
+
+@pytest.mark.django_db
+def test_a_new_frequency_applies_from_the_next_window_of_the_longer_one():
+    config = AggregationConfig.load()
+    in_force = config.rule_at(at(10, 30))
+    config.frequency_minutes = AggregationConfig.Frequency.DAILY
+    config.edited(in_force=in_force, now=at(10, 30))
+    config.save()
+    assert (config.rule_changes_at, config.previous_rule) == (
+        DAY + timedelta(days=1), {"frequency_minutes": 60, "qualifiers": []}
+    )
+
+    store(usage("today", at(10, 45)), usage("tomorrow", at(24 + 15)))
+
+    today, tomorrow = (UsageEvent.objects.get(event_id=e).record for e in ("today", "tomorrow"))
+    assert (today.usage_date, today.window_end) == (at(10), at(11))
+    assert (tomorrow.usage_date, tomorrow.window_end) == (at(24), at(48))
+
+
+@pytest.mark.django_db
+def test_a_grouping_change_waits_for_the_next_window_and_an_edit_back_cancels_it():
+    config = AggregationConfig.load()
+    in_force = config.rule_at(at(10, 30))
+    config.group_by_qualifier_1 = True
+    config.edited(in_force=in_force, now=at(10, 30))
+    config.save()
+    assert config.rule_changes_at == at(11)
+
+    store(usage("now-eu", at(10, 40), qualifier_1="eu"), usage("now-us", at(10, 41),
+          qualifier_1="us"), usage("next-eu", at(11, 5), qualifier_1="eu"),
+          usage("next-us", at(11, 6), qualifier_1="us"))
+
+    # 10:00 keeps one record for both regions; from 11:00 each region has its own.
+    assert sorted(UsageRecord.objects.values_list("usage_date", "qualifier_1")) == [
+        (at(10), ""), (at(11), "eu"), (at(11), "us")
+    ]
+    config.group_by_qualifier_1 = False
+    config.edited(in_force=config.rule_at(at(10, 50)), now=at(10, 50))
+    assert (config.rule_changes_at, config.previous_rule) == (None, {})
+    assert config.rule_at(at(12)) == GroupingRule(60, ())
