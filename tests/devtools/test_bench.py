@@ -20,6 +20,7 @@ FILE_IMPORT_KEYS = {
 AGGREGATION_KEYS = {
     "benchmark", "events", "records", "batches", "bare_seconds", "aggregation_seconds",
     "ratio", "target", "met", "statements_seconds", "units_verified", "machine",
+    "store_seconds", "bare_insert_seconds", "store_ratio", "end_to_end_ratio", "scaling",
 }
 
 SYNC_KEYS = {
@@ -82,9 +83,12 @@ def test_it_prints_a_json_line_per_run_and_drops_its_database(database_name):
     assert AGGREGATION_KEYS <= aggregation.keys()
     assert aggregation["events"] == 2000
     assert aggregation["units_verified"] is True
-    assert {"stage", "insert_batches", "insert_records", "link_events"} <= set(
+    assert {"adopt", "stage", "insert_batches", "close_records"} <= set(
         aggregation["statements_seconds"]
     )
+    # A tenth, three tenths and all of the events, each stored and closed afresh.
+    assert [run["events"] for run in aggregation["scaling"]] == [200, 600, 2000]
+    assert all(run["end_to_end_us_per_event"] > 0 for run in aggregation["scaling"])
     assert {"cpu_count", "postgresql"} <= results[0]["machine"].keys()
     assert not command_database_exists(database_name)
 
@@ -143,7 +147,7 @@ def test_it_reprocesses_all_error_records_and_resyncs_each_once(database_name):
 
 CONSOLE_KEYS = {
     "benchmark", "records", "batches", "incomplete_batches", "requests", "pages", "target_ms",
-    "met", "machine", "events"}
+    "met", "machine", "events", "server"}
 
 
 def test_it_times_the_console_pages(database_name):
@@ -155,7 +159,9 @@ def test_it_times_the_console_pages(database_name):
     assert (result["records"], result["events"]) == (2000, 20_000)
     assert set(result["pages"]) == {
         "incomplete_batches", "batch_summary", "batch_page", "records_by_batch",
-        "records_by_status", "record_page", "event_lookup", "trace_search"}
+        "records_by_status", "records_by_error_code", "record_page", "event_lookup",
+        "trace_search"}
+    assert result["target_ms"] == 50.0
     assert all({"p50_ms", "p95_ms"} <= set(p) for p in result["pages"].values())
     assert not command_database_exists(database_name)
 

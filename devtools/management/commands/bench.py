@@ -145,7 +145,8 @@ class Command(BaseCommand):
             )
         elif name == "console":
             yield benchmarks.bench_console(
-                records=events or benchmarks.CONSOLE_RECORDS, on_phase=on_phase
+                database_url=database_url, records=events or benchmarks.CONSOLE_RECORDS,
+                on_phase=on_phase,
             )
 
     def _emit(self, result: dict) -> None:
