@@ -82,7 +82,8 @@ class BatchListView(ConsoleMixin, SingleTableMixin, FilterView):
     template_name = "reprocess/batch_list.html"
     table_class = BatchTable
     filterset_class = IncompleteBatchFilter
-    paginate_by = 25
+    # The table paginates; a paginate_by would make ListView fetch the page a second time.
+    table_pagination = {"per_page": 25}
     nav = "batches"
     # Served by batch_incomplete_idx.
     queryset = AggregatedBatch.objects.incomplete()
@@ -185,8 +186,7 @@ class RecordListView(ConsoleMixin, SingleTableMixin, FilterView):
     template_name = "reprocess/record_list.html"
     table_class = RecordTable
     filterset_class = ConsoleRecordFilter
-    paginate_by = 50
-    paginator_class = BoundedLazyPaginator
+    table_pagination = {"per_page": 50, "paginator_class": BoundedLazyPaginator}
     queryset = UsageRecord.objects.all()
     nav = "records"
 
@@ -252,8 +252,7 @@ class ActivityListView(ConsoleMixin, SingleTableMixin, FilterView):
     template_name = "reprocess/activity_list.html"
     table_class = ActivityTable
     filterset_class = ActivityFilterForConsole
-    paginate_by = 50
-    paginator_class = BoundedLazyPaginator
+    table_pagination = {"per_page": 50, "paginator_class": BoundedLazyPaginator}
     queryset = SyncActivity.objects.all()
     nav = "activity"
 
@@ -360,7 +359,7 @@ class AccountListView(ConsoleMixin, SingleTableView):
 
     template_name = "reprocess/account_list.html"
     table_class = AccountTable
-    paginate_by = 50
+    table_pagination = {"per_page": 50}
     section = "account"
     nav = "accounts"
 

@@ -175,7 +175,7 @@ class UsageRecord(models.Model):
     closes, aggregation numbers the open records into batches and they become PENDING.
     """
 
-    # Indexed by record_batch_status, which starts with batch_id. Empty while OPEN.
+    # Indexed by record_batch_id, which starts with batch_id. Empty while OPEN.
     batch = models.ForeignKey(
         AggregatedBatch, on_delete=models.PROTECT, related_name="records", db_index=False,
         null=True, blank=True,
@@ -231,9 +231,17 @@ class UsageRecord(models.Model):
             ),
         ]
         indexes = [
-            # Sync loads a batch's PENDING records; the error summary groups a batch's
-            # records by (status, error code); the records view filters on all three.
-            models.Index(fields=["batch", "status", "sync_error_code"], name="record_batch_status"),
+            # A batch's records in id order: the records view and the batch page list
+            # them so (records of a batch are not contiguous: a window's open records are
+            # opened as events arrive); the sync, the error summary and reprocess read a
+            # batch's records through it (at most batch_size rows).
+            models.Index(fields=["batch", "id"], name="record_batch_id"),
+            # The records view by error code, and by any status but COMPLETE (most records),
+            # in id order, without walking the table's id order past millions of others.
+            models.Index(fields=["sync_error_code", "id"], name="record_error_code",
+                         condition=~Q(sync_error_code="")),
+            models.Index(fields=["status", "id"], name="record_status_id",
+                         condition=~Q(status="COMPLETE")),
             # Account view and the records filter by account.
             models.Index(fields=["client_acct_id", "status"], name="record_account_status"),
             # The same by Aria account number, and the trail's search for one; most records
