@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from usage_sync.ingest import KNOWN_FIELDS
-from usage_sync.models import UsageEvent
+from usage_sync.models import UsageEvent, UsageRecord
 
 URL = "/api/v1/usage-events/"
 
@@ -108,13 +108,18 @@ def assert_stored_exactly(sent: dict) -> None:
         expected = None if field not in sent else Decimal(str(sent[field]))
         assert getattr(row, field) == expected, field
     assert row.usage_date == datetime.fromisoformat(sent["usage_date"]).astimezone(UTC)
-    assert row.record is None
+    # In the open record of its window and key, whose sums are its events'.
+    record = row.record
+    assert (record.status, record.batch_id) == ("OPEN", None)
+    assert record.usage_date <= row.usage_date < record.window_end
+    assert record.usage_units == sum(e.usage_units for e in record.events.all())
 
 
 @PROPERTY
 @given(events=event_lists)
 def test_every_valid_list_is_accepted_and_stored_exactly(operator_api, events):
     UsageEvent.objects.all().delete()
+    UsageRecord.objects.all().delete()  # the open records of the last example's events
 
     response = operator_api.post(URL, events, format="json")
 
