@@ -222,7 +222,10 @@ class UsageRecord(models.Model):
         ordering = ["id"]
         constraints = [
             # A constraint, not unique=True: no extra LIKE index to maintain on every insert.
-            models.UniqueConstraint(fields=["client_record_id"], name="record_unique_client_id"),
+            # Partial, as are the batch and status indexes below: an OPEN record has none
+            # of them, and an ingest then writes three index entries per new record, not six.
+            models.UniqueConstraint(fields=["client_record_id"], name="record_unique_client_id",
+                                    condition=Q(client_record_id__isnull=False)),
             # One open record per key: ingest's ON CONFLICT adds into it. Also how
             # aggregation finds the open records of closed windows (usage_date first).
             models.UniqueConstraint(
@@ -235,13 +238,14 @@ class UsageRecord(models.Model):
             # them so (records of a batch are not contiguous: a window's open records are
             # opened as events arrive); the sync, the error summary and reprocess read a
             # batch's records through it (at most batch_size rows).
-            models.Index(fields=["batch", "id"], name="record_batch_id"),
-            # The records view by error code, and by any status but COMPLETE (most records),
-            # in id order, without walking the table's id order past millions of others.
+            models.Index(fields=["batch", "id"], name="record_batch_id",
+                         condition=Q(batch__isnull=False)),
+            # The records view by error code, and by any status but COMPLETE (most records)
+            # and OPEN, in id order, without walking the table's id order past millions.
             models.Index(fields=["sync_error_code", "id"], name="record_error_code",
                          condition=~Q(sync_error_code="")),
             models.Index(fields=["status", "id"], name="record_status_id",
-                         condition=~Q(status="COMPLETE")),
+                         condition=~Q(status__in=["COMPLETE", "OPEN"])),
             # Account view and the records filter by account.
             models.Index(fields=["client_acct_id", "status"], name="record_account_status"),
             # The same by Aria account number, and the trail's search for one; most records
