@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
 from . import grouping, publishing
@@ -35,6 +35,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _STAGE = "usage_aggregation_stage"
 # The steps of one run, in order, as `on_step` hears about them (a command's progress bar).
 STEPS = ("adopt", "stage", "batches", "close", "commit")
+DEADLOCK_ATTEMPTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +74,19 @@ def aggregate_usage(
     `on_step` is called with each name of STEPS once that step is done.
     """
     now = now or timezone.now()
-    result = _aggregate_once(now=now, actor=actor, on_step=on_step or _ignore_step)
-    (on_step or _ignore_step)("commit")
+    on_step = on_step or _ignore_step
+    for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        try:
+            result = _aggregate_once(now=now, actor=actor, on_step=on_step)
+            break
+        except OperationalError as exc:
+            # An ingest adding into records of an ended window may deadlock with the
+            # close: PostgreSQL rolls one back. The run starts again at once rather than
+            # leaving the window to the next beat tick.
+            if getattr(exc.__cause__, "sqlstate", None) != "40P01" or attempt == DEADLOCK_ATTEMPTS:
+                raise
+            logger.warning("aggregation deadlocked with an ingest; again (attempt %d)", attempt)
+    on_step("commit")
     return result
 
 
@@ -126,6 +138,7 @@ def _aggregate_once(
             batch_ids = sorted(row[0] for row in cursor.fetchall())
         on_step("batches")
         if staged_records:
+            cursor.execute(_LOCK_SQL)
             cursor.execute(_CLOSE_SQL, params)
             closed = cursor.fetchall()
             if len(closed) != staged_records:
@@ -191,6 +204,15 @@ _INSERT_BATCHES_SQL = f"""
     FROM {_STAGE}
     GROUP BY window_start, sequence
     RETURNING id
+"""
+# The staged records locked in the order ingest upserts them (grouping.py, its key order),
+# so a close and an ingest adding into the same records queue rather than deadlock.
+_LOCK_SQL = f"""
+    SELECT r.id FROM {_RECORD} r JOIN {_STAGE} s ON s.id = r.id
+    ORDER BY r.usage_date, r.window_end, r.client_acct_id, r.acct_no, r.usage_type_code,
+             r.usage_type, r.qualifier_1, r.qualifier_2, r.qualifier_3, r.qualifier_4, r.rate,
+             r.amount IS NULL
+    FOR UPDATE OF r
 """
 _CLOSE_SQL = f"""
     UPDATE {_RECORD} r

@@ -174,6 +174,7 @@ def _store(statement: str, params: dict, *, fast: bool) -> int:
             summed, inserted = cursor.fetchone()
             if summed != inserted:
                 raise _Raced
+            cursor.execute("SET LOCAL enable_mergejoin TO DEFAULT")
             return inserted
         cursor.execute(
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {_SUMS} (record_id bigint, "
@@ -183,6 +184,7 @@ def _store(statement: str, params: dict, *, fast: bool) -> int:
         cursor.execute(statement, params)
         cursor.execute(_ADD_SUMS_SQL)
         cursor.execute(_DROP_EMPTY_SQL)
+        cursor.execute("SET LOCAL enable_mergejoin TO DEFAULT")
         cursor.execute(f"SELECT COALESCE(SUM(event_count), 0) FROM {_SUMS}")
         return cursor.fetchone()[0]
 

@@ -404,19 +404,24 @@ class AggregationConfig(models.Model):
                 # Edited back before the change applied: nothing changes.
                 self.rule_changes_at, self.previous_rule = None, {}
             return
-        step = 60 * max(self.rule.frequency_minutes, in_force.frequency_minutes)
-        elapsed = -(-int((now - _EPOCH).total_seconds()) // step) * step
-        self.rule_changes_at = _EPOCH + timedelta(seconds=elapsed)
+        step = timedelta(minutes=max(self.rule.frequency_minutes, in_force.frequency_minutes))
+        # The next boundary at or after `now`, to the microsecond: a window just begun
+        # keeps the rule its first events were grouped by.
+        self.rule_changes_at = _EPOCH + -((_EPOCH - now) // step) * step
         self.previous_rule = {
             "frequency_minutes": in_force.frequency_minutes,
             "qualifiers": list(in_force.qualifiers),
         }
 
     def is_due(self, now) -> bool:
-        """Tell whether the scheduler should aggregate now."""
+        """Tell whether the scheduler should aggregate now: once a window of the shorter
+        of the rules in force ended (hourly windows still close hourly while a change to
+        daily waits for midnight, and after it the last of them)."""
         if not self.enabled:
             return False
-        return self.last_run_at is None or now - self.last_run_at >= self.frequency
+        minutes = min(self.frequency_minutes,
+                      self.previous_rule.get("frequency_minutes", self.frequency_minutes))
+        return self.last_run_at is None or now - self.last_run_at >= timedelta(minutes=minutes)
 
 
 class SyncActivity(models.Model):

@@ -115,3 +115,42 @@ def test_a_grouping_change_waits_for_the_next_window_and_an_edit_back_cancels_it
     config.edited(in_force=config.rule_at(at(10, 50)), now=at(10, 50))
     assert (config.rule_changes_at, config.previous_rule) == (None, {})
     assert config.rule_at(at(12)) == GroupingRule(60, ())
+
+
+@pytest.mark.django_db
+def test_runs_stay_due_at_the_shorter_frequency_while_a_change_waits_and_after():
+    config = AggregationConfig.load()
+    config.last_run_at = at(10)
+    in_force = config.rule_at(at(10, 30))
+    config.frequency_minutes = AggregationConfig.Frequency.DAILY
+    config.edited(in_force=in_force, now=at(10, 30))
+    config.save()
+
+    # The hourly windows until midnight still close every hour, and so does the last one.
+    assert config.is_due(at(11, 1))
+    assert config.is_due(at(24, 6))
+
+
+@pytest.mark.django_db
+def test_a_run_that_deadlocks_with_an_ingest_starts_again(monkeypatch):
+    from django.db import OperationalError
+
+    from usage_sync import aggregation
+
+    class Deadlock(Exception):
+        sqlstate = "40P01"
+
+    real, calls = aggregation._aggregate_once, []
+
+    def deadlock_once(**kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("deadlock detected") from Deadlock()
+        return real(**kwargs)
+
+    monkeypatch.setattr(aggregation, "_aggregate_once", deadlock_once)
+    store(usage("e1", at(9, 15)))
+
+    result = aggregate_usage(now=at(12))
+
+    assert (len(calls), result.events, result.records) == (2, 1, 1)
