@@ -559,6 +559,13 @@ def configure_aggregation(**overrides) -> AggregationConfig:
 
 
 _GENERATED = "bench_generated_events"
+_GENERATED_COLUMNS = ", ".join(f"{f.name} {f.pg_type}" for f in EVENT_FIELDS)
+
+
+def _new_generated_table(cursor) -> None:
+    """(Re)create _GENERATED, the events' columns, for generated events to be stored from."""
+    cursor.execute(f"DROP TABLE IF EXISTS {_GENERATED}")
+    cursor.execute(f"CREATE UNLOGGED TABLE {_GENERATED} ({_GENERATED_COLUMNS})")
 
 
 def _generate_events(*, count: int, start) -> float:
@@ -571,7 +578,6 @@ def _generate_events(*, count: int, start) -> float:
     """
     types = "ARRAY[" + ", ".join(f"'{code}'" for code in USAGE_TYPES) + "]"
     span = WINDOWS * 3600
-    columns = ", ".join(f"{f.name} {f.pg_type}" for f in EVENT_FIELDS)
     statement = f"""
         INSERT INTO {_GENERATED} ({", ".join(EVENT_COLUMNS)})
         SELECT 'gen-' || i,
@@ -590,8 +596,7 @@ def _generate_events(*, count: int, start) -> float:
     """
     started = time.perf_counter()
     with connection.cursor() as cursor:
-        cursor.execute(f"DROP TABLE IF EXISTS {_GENERATED}")
-        cursor.execute(f"CREATE UNLOGGED TABLE {_GENERATED} ({columns})")
+        _new_generated_table(cursor)
         cursor.execute(statement, {"start": start, "count": count})
     return time.perf_counter() - started
 
@@ -803,10 +808,8 @@ def _aggregate_sync_records(records: int, *, account_prefix: str = "BENCH-") -> 
     boundary = window_boundary(now=now, frequency=config.frequency, grace=config.lateness_grace)
     _truncate(UsageEvent, UsageRecord, AggregatedBatch)
     accounts = len(SYNC_ACCOUNTS)
-    columns = ", ".join(f"{f.name} {f.pg_type}" for f in EVENT_FIELDS)
     with connection.cursor() as cursor:
-        cursor.execute(f"DROP TABLE IF EXISTS {_GENERATED}")
-        cursor.execute(f"CREATE UNLOGGED TABLE {_GENERATED} ({columns})")
+        _new_generated_table(cursor)
         cursor.execute(
             f"""
             INSERT INTO {_GENERATED} ({", ".join(EVENT_COLUMNS)})

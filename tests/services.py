@@ -38,6 +38,29 @@ def wait_for(check, *, timeout: float, what: str, interval: float = 0.1):
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
+def _other_connections(condition: str) -> int:
+    """How many other connections to the test database match `condition` (pg_stat_activity)."""
+    from django.db import connections
+
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
+            f"AND pid <> pg_backend_pid() AND {condition}"
+        )
+        return cursor.fetchone()[0]
+
+
+def holding_writes() -> int:
+    """Connections idle in a transaction that has written (a test's lock holder)."""
+    return _other_connections("state = 'idle in transaction' AND backend_xid IS NOT NULL")
+
+
+def waiting_on_locks() -> int:
+    """Connections whose query waits for a lock. Any query: the ingest statements are longer
+    than pg_stat_activity keeps, and a test connects only its holder and its writers."""
+    return _other_connections("wait_event_type = 'Lock' AND state = 'active'")
+
+
 
 class Broker:
     """tansu: a Kafka-protocol broker that keeps everything in memory."""

@@ -6,7 +6,7 @@ import pytest
 from django.db import connections, transaction
 
 from tests.factories import event_payload
-from tests.services import wait_for
+from tests.services import holding_writes, wait_for, waiting_on_locks
 from usage_sync.ingest import store_events, validate_events
 from usage_sync.models import UsageEvent
 
@@ -39,13 +39,13 @@ def test_two_calls_with_overlapping_ids_in_opposite_order_queue_instead_of_deadl
 
     holder = threading.Thread(target=hold_the_middle_id)
     holder.start()
-    wait_for(lambda: UsageEvent.objects.count() == 0 and _inserting() == 1, timeout=10,
+    wait_for(lambda: UsageEvent.objects.count() == 0 and holding_writes() == 1, timeout=10,
              what="the holder's insert")
     threads = [threading.Thread(target=store, args=(name, events))
                for name, events in (("a", a), ("b", b))]
     for thread in threads:
         thread.start()
-    wait_for(lambda: _waiting_on_locks() >= 2, timeout=10, what="both calls to wait")
+    wait_for(lambda: waiting_on_locks() >= 2, timeout=10, what="both calls to wait")
     release.set()
     for thread in [holder, *threads]:
         thread.join(20)
@@ -54,23 +54,3 @@ def test_two_calls_with_overlapping_ids_in_opposite_order_queue_instead_of_deadl
     assert sorted(r.created for r in results.values()) == [0, 2]
     assert sorted(r.duplicates for r in results.values()) == [1, 3]
     assert UsageEvent.objects.count() == 3
-
-
-def _activity(condition: str) -> int:
-    with connections["default"].cursor() as cursor:
-        cursor.execute(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
-            f"AND pid <> pg_backend_pid() AND {condition}"
-        )
-        return cursor.fetchone()[0]
-
-
-def _inserting() -> int:
-    """Connections idle in a transaction that has written (the holder)."""
-    return _activity("state = 'idle in transaction' AND backend_xid IS NOT NULL")
-
-
-def _waiting_on_locks() -> int:
-    # The ingest statement's text is longer than pg_stat_activity keeps: any query waiting
-    # on a lock (only the holder and the two calls are connected).
-    return _activity("wait_event_type = 'Lock' AND state = 'active'")

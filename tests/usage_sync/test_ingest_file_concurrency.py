@@ -8,7 +8,7 @@ import pytest
 from django.db import connections, transaction
 
 from tests.factories import event_payload
-from tests.services import wait_for
+from tests.services import holding_writes, wait_for, waiting_on_locks
 from usage_sync.ingest import store_events, validate_events
 from usage_sync.models import UsageEvent
 from usage_sync.usage_files import UsageFile, UsageFileConflict, import_usage_file
@@ -60,10 +60,10 @@ def test_overlapping_files_in_opposite_orders_queue_and_store_each_event_once(tm
     # other's (a deadlock, and a retry).
     holder = Holder([event_payload(1500)])
     holder.start()
-    wait_for(lambda: _inserting() == 1, timeout=10, what="the holder's insert")
+    wait_for(lambda: holding_writes() == 1, timeout=10, what="the holder's insert")
     results = {}
     threads = [import_in_thread(tmp_path / f"{name}.jsonl", results, name) for name in "ab"]
-    wait_for(lambda: _waiting_on_locks() >= 2, timeout=20, what="both imports to wait")
+    wait_for(lambda: waiting_on_locks() >= 2, timeout=20, what="both imports to wait")
     with caplog.at_level(logging.WARNING, logger="usage_sync.usage_files"):
         holder.release.set()
         for thread in [holder, *threads]:
@@ -83,10 +83,10 @@ def test_a_concurrent_writer_committing_an_id_with_other_content_is_a_conflict(t
     write_jsonl(tmp_path / "usage.jsonl", [event_payload(n) for n in range(10)])
     holder = Holder([event_payload(5, usage_units="7")])
     holder.start()
-    wait_for(lambda: _inserting() == 1, timeout=10, what="the holder's insert")
+    wait_for(lambda: holding_writes() == 1, timeout=10, what="the holder's insert")
     results = {}
     thread = import_in_thread(tmp_path / "usage.jsonl", results, "import")
-    wait_for(lambda: _waiting_on_locks() >= 1, timeout=20, what="the import to wait")
+    wait_for(lambda: waiting_on_locks() >= 1, timeout=20, what="the import to wait")
     holder.release.set()
     for waiting in (holder, thread):
         waiting.join(60)
@@ -96,23 +96,3 @@ def test_a_concurrent_writer_committing_an_id_with_other_content_is_a_conflict(t
     [(line, found)] = conflict.conflicts
     assert (line, found.event_id, found.fields) == (6, "api-00000005", ("usage_units",))
     assert list(UsageEvent.objects.values_list("event_id", flat=True)) == ["api-00000005"]
-
-
-def _activity(condition: str) -> int:
-    with connections["default"].cursor() as cursor:
-        cursor.execute(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
-            f"AND pid <> pg_backend_pid() AND {condition}"
-        )
-        return cursor.fetchone()[0]
-
-
-def _inserting() -> int:
-    """Connections idle in a transaction that has written (the holder)."""
-    return _activity("state = 'idle in transaction' AND backend_xid IS NOT NULL")
-
-
-def _waiting_on_locks() -> int:
-    # The store's statement is longer than pg_stat_activity keeps: any query waiting on a
-    # lock (only the holder and the imports are connected).
-    return _activity("wait_event_type = 'Lock' AND state = 'active'")
