@@ -104,7 +104,10 @@ class ReprocessRun(models.Model):
 class ReprocessRunRecord(models.Model):
     """A record a run queued again, with the outcome it had before (kept for the record)."""
 
-    run = models.ForeignKey(ReprocessRun, on_delete=models.CASCADE, related_name="links")
+    # Indexed by reprocess_link_unique, which starts with run_id.
+    run = models.ForeignKey(
+        ReprocessRun, on_delete=models.CASCADE, related_name="links", db_index=False
+    )
     # Indexed by reprocess_link_record: "is this PENDING record already queued by a run?"
     record = models.ForeignKey(
         UsageRecord, on_delete=models.CASCADE, related_name="reprocess_links", db_index=False

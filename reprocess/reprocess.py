@@ -306,24 +306,24 @@ def _in_flight(run: ReprocessRun) -> ReprocessError:
 # sent_at stays as it is: a PENDING record with sent_at set is in doubt, and only
 # sync_batch may clear it, after asking core Aria.
 _QUEUE_SQL = """
-    WITH picked AS (
-        INSERT INTO {links} (run_id, record_id, previous_status, previous_error_code,
-                             previous_error_message)
-        SELECT %(run)s, r.id, r.status, r.sync_error_code, r.sync_error_message
+    WITH picked AS MATERIALIZED (
+        SELECT r.id, r.batch_id, r.status, r.sync_error_code, r.sync_error_message
         FROM {records} r
         WHERE r.batch_id = ANY(%(batches)s) {summary}
           AND (r.status = 'ERROR' OR (r.status = 'PENDING' AND NOT EXISTS (
                 SELECT 1 FROM {links} l WHERE l.record_id = r.id)))
-        RETURNING record_id
+    ), linked AS (
+        INSERT INTO {links} (run_id, record_id, previous_status, previous_error_code,
+                             previous_error_message)
+        SELECT %(run)s, id, status, sync_error_code, sync_error_message FROM picked
     ), flipped AS (
         UPDATE {records} r
         SET status = 'PENDING', sync_error_code = '', sync_error_message = '',
             updated_at = now()
         FROM picked p
-        WHERE r.id = p.record_id AND r.status = 'ERROR'
+        WHERE r.id = p.id AND p.status = 'ERROR' AND r.status = 'ERROR'
     )
-    SELECT r.batch_id, COUNT(*) FROM picked p JOIN {records} r ON r.id = p.record_id
-    GROUP BY r.batch_id ORDER BY r.batch_id
+    SELECT batch_id, COUNT(*) FROM picked GROUP BY batch_id ORDER BY batch_id
 """
 
 
