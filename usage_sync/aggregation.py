@@ -206,12 +206,12 @@ _INSERT_BATCHES_SQL = f"""
     RETURNING id
 """
 # The staged records locked in the order ingest upserts them (grouping.py, its key order),
-# so a close and an ingest adding into the same records queue rather than deadlock.
+# so a close and an ingest adding into the same records queue rather than deadlock. The
+# stage numbered them in that order (window, then key), so its numbers sort them: no sort
+# on the twelve key columns.
 _LOCK_SQL = f"""
     SELECT r.id FROM {_RECORD} r JOIN {_STAGE} s ON s.id = r.id
-    ORDER BY r.usage_date, r.window_end, r.client_acct_id, r.acct_no, r.usage_type_code,
-             r.usage_type, r.qualifier_1, r.qualifier_2, r.qualifier_3, r.qualifier_4, r.rate,
-             r.amount IS NULL
+    ORDER BY s.window_start, s.sequence, s.position
     FOR UPDATE OF r
 """
 _CLOSE_SQL = f"""
