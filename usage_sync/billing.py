@@ -9,6 +9,7 @@ transport failure.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -357,6 +358,8 @@ def _number(value: Decimal):
     return as_float if Decimal(repr(as_float)) == value else str(value)
 
 
+# A batch's records share their window's start: formatted once, not once a record.
+@functools.lru_cache(maxsize=1024)
 def aria_date(moment: datetime) -> str:
     """Core Aria's date format (yyyy-mm-dd hh24:mi:ss), in UTC."""
     return moment.astimezone(UTC).strftime(ARIA_DATE_FORMAT)

@@ -246,6 +246,10 @@ class UsageRecord(models.Model):
                          condition=~Q(sync_error_code="")),
             models.Index(fields=["status", "id"], name="record_status_id",
                          condition=~Q(status__in=["COMPLETE", "OPEN"])),
+            # The sync's records in flight or in doubt (sent_at set): before each send it
+            # asks whether a batch has any, which without this walks the whole batch.
+            models.Index(fields=["batch"], name="record_sent",
+                         condition=Q(sent_at__isnull=False)),
             # Account view and the records filter by account.
             models.Index(fields=["client_acct_id", "status"], name="record_account_status"),
             # The same by Aria account number, and the trail's search for one; most records
