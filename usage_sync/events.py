@@ -1,4 +1,5 @@
-"""What a raw usage event is: its fields, their limits, how they are stored.
+"""What a raw usage event is: its fields, their limits, how they are stored, and when two
+events with one event_id are the same event.
 
 One declaration, read from the UsageEvent model, from which ingest's validation, its bulk
 insert and the API's schema are all derived, so they cannot drift apart.
@@ -79,3 +80,38 @@ class ValidEvent:
 
 
 assert tuple(f.name for f in dataclasses.fields(ValidEvent)) == COLUMNS
+
+
+# What makes two events with one event_id the same event (received_at aside).
+CONTENT = COLUMNS[1:]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Conflict:
+    """An event whose event_id is already taken by an event with other content."""
+
+    event_id: str
+    fields: tuple[str, ...]
+
+
+def differing(first: ValidEvent, other: ValidEvent) -> tuple[str, ...]:
+    """The CONTENT fields in which two events with one event_id differ."""
+    return tuple(f for f in CONTENT if getattr(first, f) != getattr(other, f))
+
+
+def conflicts_sql(source: str) -> tuple[str, str]:
+    """The join of `source` (alias i) to the stored events whose content differs, and a
+    select list of one flag per CONTENT field (true where it differs), for `conflict`."""
+    table = UsageEvent._meta.db_table
+    flags = ", ".join(f"i.{f} IS DISTINCT FROM e.{f}" for f in CONTENT)
+    join = (
+        f"{source} JOIN {table} e ON e.event_id = i.event_id "
+        f"WHERE ({', '.join(f'i.{f}' for f in CONTENT)}) "
+        f"IS DISTINCT FROM ({', '.join(f'e.{f}' for f in CONTENT)})"
+    )
+    return join, flags
+
+
+def conflict(event_id: str, flags) -> Conflict:
+    """The Conflict that a row of `conflicts_sql`'s flags describes."""
+    return Conflict(event_id, tuple(f for f, d in zip(CONTENT, flags, strict=True) if d))

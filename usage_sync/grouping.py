@@ -17,6 +17,8 @@ none is counted twice or lost (`store`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 from django.db import OperationalError, connection, transaction
@@ -161,40 +163,60 @@ def store(source: str, params: dict, *, order_by: str = LOCK_ORDER) -> int:
     raise AssertionError("unreachable")
 
 
+# The planner cannot know how many records the upsert returns: it merge-joins a file's
+# million events to them on the 12-column key, sorting both sides, or nested-loops a
+# call's thousands through them. A hash join is what suits both.
+_HASH_JOINS = {"work_mem": "64MB", "enable_mergejoin": "off", "enable_nestloop": "off"}
+
+
+@contextmanager
+def _planned(cursor, settings: dict[str, str]) -> Iterator[None]:
+    """Run the block with these planner settings, then give the caller's back (a block
+    that raises leaves them to the savepoint's rollback)."""
+    cursor.execute("SELECT " + ", ".join(f"current_setting('{name}')" for name in settings))
+    before = dict(zip(settings, cursor.fetchone(), strict=True))
+    _set(cursor, settings)
+    yield
+    _set(cursor, before)
+
+
+def _set(cursor, settings: dict[str, str]) -> None:
+    cursor.execute("SELECT " + ", ".join("set_config(%s, %s, true)" for _ in settings),
+                   [value for pair in settings.items() for value in pair])
+
+
 def _store(statement: str, params: dict, *, fast: bool) -> int:
     with transaction.atomic(), connection.cursor() as cursor:
-        # A file's million events are sorted and hashed in one statement. The planner
-        # cannot know how many records the upsert returns and merge-joins them to the
-        # events on the 12-column key, sorting both sides: a hash join is several times
-        # cheaper.
-        cursor.execute("SET LOCAL work_mem = '64MB'")
-        cursor.execute("SET LOCAL enable_mergejoin = off")
         if fast:
-            cursor.execute(statement, params)
-            summed, inserted = cursor.fetchone()
-            if summed != inserted:
-                raise _Raced
-            cursor.execute("SET LOCAL enable_mergejoin TO DEFAULT")
+            with _planned(cursor, _HASH_JOINS):
+                cursor.execute(statement, params)
+                summed, inserted = cursor.fetchone()
+                if summed != inserted:
+                    raise _Raced
             return inserted
         cursor.execute(
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {_SUMS} (record_id bigint, "
             "usage_units numeric, amount numeric, event_count integer) ON COMMIT DELETE ROWS"
         )
         cursor.execute(f"TRUNCATE {_SUMS}")
-        cursor.execute(statement, params)
+        with _planned(cursor, _HASH_JOINS):
+            cursor.execute(statement, params)
         cursor.execute(_ADD_SUMS_SQL)
         cursor.execute(_DROP_EMPTY_SQL)
-        cursor.execute("SET LOCAL enable_mergejoin TO DEFAULT")
         cursor.execute(f"SELECT COALESCE(SUM(event_count), 0) FROM {_SUMS}")
         return cursor.fetchone()[0]
 
 
 def _new_events(source: str, *, order_by: str) -> str:
     first = order_by.split(",")[0]
+    # OFFSET 0 keeps NOT EXISTS a probe of the event_id index per row. As an anti join, it
+    # would be planned from the statistics, which take every staged event_id for a stored
+    # one (so a call's events for a handful), or hash the whole events table.
     return f"""
         keyed AS MATERIALIZED (
             SELECT DISTINCT ON ({first}) * FROM ({_keyed(source, alias="i")}
-                WHERE NOT EXISTS (SELECT 1 FROM {_EVENT} e WHERE e.event_id = i.event_id)) i
+                WHERE NOT EXISTS (
+                    SELECT 1 FROM {_EVENT} e WHERE e.event_id = i.event_id OFFSET 0)) i
             ORDER BY {order_by}
         )"""
 

@@ -2,8 +2,8 @@
 own statements (grouping.store) into the events and their open records, with ingest's
 duplicate and conflict rules.
 
-The file import uses it inside its transaction: `EventStage.create`, `rows()` while it
-reads the file, then `store()`.
+The file import and large API calls use it inside their transaction: `EventStage.create`,
+`rows()` while they read the events, then `store()`; they count what was stored.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from . import grouping
-from .events import COLUMNS, FIELDS
-from .ingest import Conflict, conflict, conflicts_sql, count_ingested_on_commit
+from .events import COLUMNS, FIELDS, Conflict, conflict, conflicts_sql
 
 STAGE = "usage_event_stage"
 _COLUMNS = ", ".join(f"{field.name} {field.pg_type}" for field in FIELDS)
@@ -22,7 +21,7 @@ _COLUMNS = ", ".join(f"{field.name} {field.pg_type}" for field in FIELDS)
 # in C, and nothing needs escaping. Validation has already held every value to its column.
 _COPY_TYPES = ("int4", *(field.pg_type.split("(")[0].strip() for field in FIELDS))
 # Code point order, the order of Python's sorted() in ingest.store_events (UTF-8 bytes sort
-# like code points), so a file import and an API call take their row locks in one order.
+# like code points), so every ingest takes its row locks in one order.
 _LOCK_ORDER = 'i.event_id COLLATE "C", i.line'
 
 
@@ -75,9 +74,12 @@ class EventStage:
 
         As ingest.store_events: an event_id stored (or earlier in the stage) with the same
         content is a duplicate; with other content it is a conflict, and then the caller
-        must roll back. The metrics are counted on commit when nothing conflicts.
+        must roll back.
         """
         cursor = self.cursor
+        # A new table has no statistics: the planner would take a call's thousands of rows
+        # for a few and join the events to their records in a nested loop (seconds).
+        cursor.execute(f"ANALYZE {STAGE}")
         # Each event added into its open record as it is stored (grouping.py).
         created = grouping.store(f"{STAGE} i", {}, order_by=_LOCK_ORDER)
         conflicts: list[tuple[int, Conflict]] = []
@@ -99,7 +101,4 @@ class EventStage:
                 for line, event_id, _, *differs in rows[:max_conflicts]
             ]
         cursor.execute(f"DROP TABLE {STAGE}")
-        duplicates = self.rows_staged - created
-        if not count:
-            count_ingested_on_commit(created, duplicates)
-        return StageResult(created, duplicates, conflicts, count)
+        return StageResult(created, self.rows_staged - created, conflicts, count)

@@ -25,7 +25,8 @@ from typing import BinaryIO
 
 from django.db import OperationalError, connection, transaction
 
-from .ingest import KNOWN_FIELDS, Conflict, FieldError, validate_row
+from .events import Conflict
+from .ingest import KNOWN_FIELDS, FieldError, count_ingested_on_commit, validate_row
 from .staging import EventStage
 
 logger = logging.getLogger(__name__)
@@ -350,6 +351,7 @@ def _import(usage_file: UsageFile, *, max_errors: int, progress: Progress | None
         stored = stage.store(max_conflicts=max_errors)
         if stored.conflict_count:
             raise UsageFileConflict(stored.conflicts, count=stored.conflict_count)
+        count_ingested_on_commit(stored.created, stored.duplicates)
     return ImportResult(
         lines=usage_file.lines_read,
         events=validation.events,

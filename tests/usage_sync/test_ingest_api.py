@@ -4,12 +4,20 @@ import pytest
 from rest_framework.test import APIClient
 
 from tests.factories import event_payload
-from usage_sync.ingest import MAX_EVENTS_PER_REQUEST
-from usage_sync.models import UsageEvent
+from usage_sync.ingest import COPY_FROM_EVENTS, MAX_EVENTS_PER_REQUEST
+from usage_sync.models import RecordStatus, UsageEvent, UsageRecord
 
 URL = "/api/v1/usage-events/"
 
 pytestmark = pytest.mark.django_db
+
+# A small call is bound as array parameters, a large one COPYed: both must behave alike.
+CALL_SIZES = pytest.mark.parametrize("filler", [0, COPY_FROM_EVENTS], ids=["small", "copied"])
+
+
+def fill(events: list[dict], filler: int) -> list[dict]:
+    """The events, then `filler` more of ids of their own."""
+    return events + [event_payload(10_000 + n) for n in range(filler)]
 
 
 def test_it_stores_a_list_of_events(api_client):
@@ -29,14 +37,15 @@ def test_it_stores_a_list_of_events(api_client):
     assert stored.record.events.count() == stored.record.event_count
 
 
-def test_a_resent_event_id_is_counted_as_a_duplicate_and_stored_once(api_client):
+@CALL_SIZES
+def test_a_resent_event_id_is_counted_as_a_duplicate_and_stored_once(api_client, filler):
     api_client.post(URL, [event_payload(1), event_payload(2)], format="json")
 
     response = api_client.post(
-        URL, [event_payload(2), event_payload(3), event_payload(3)], format="json"
+        URL, fill([event_payload(2), event_payload(3), event_payload(3)], filler), format="json"
     )
 
-    assert response.json() == {"received": 3, "created": 1, "duplicates": 2}
+    assert response.json() == {"received": 3 + filler, "created": 1 + filler, "duplicates": 2}
     assert UsageEvent.objects.filter(event_id__in=["api-00000002", "api-00000003"]).count() == 2
 
 
@@ -139,12 +148,15 @@ def test_a_logged_in_session_may_ingest(user):
     assert response.status_code == 201
 
 
-def test_an_event_id_resent_with_other_content_is_a_conflict_and_nothing_is_stored(api_client):
+@CALL_SIZES
+def test_an_event_id_resent_with_other_content_is_a_conflict_and_nothing_is_stored(
+    api_client, filler
+):
     api_client.post(URL, [event_payload(1), event_payload(2)], format="json")
     correction = event_payload(2, usage_units="3.5", client_acct_id="ACCT-9")
 
-    response = api_client.post(URL, [event_payload(7), correction, event_payload(1)],
-                               format="json")
+    response = api_client.post(URL, fill([event_payload(7), correction, event_payload(1)],
+                                          filler), format="json")
 
     assert response.status_code == 409
     body = response.json()
@@ -152,19 +164,38 @@ def test_an_event_id_resent_with_other_content_is_a_conflict_and_nothing_is_stor
         {"event_id": "api-00000002", "indexes": [1], "fields": ["client_acct_id", "usage_units"]}
     ]
     assert "nothing was stored" in body["detail"]
-    assert not UsageEvent.objects.filter(event_id="api-00000007").exists()
+    assert UsageEvent.objects.count() == 2
     assert UsageEvent.objects.get(event_id="api-00000002").usage_units == Decimal("2.5")
 
 
-def test_the_same_content_written_otherwise_is_still_a_duplicate(api_client):
+@CALL_SIZES
+def test_the_same_content_written_otherwise_is_still_a_duplicate(api_client, filler):
     api_client.post(URL, [event_payload(1, usage_units="2.5", amount="10")], format="json")
 
     response = api_client.post(
-        URL, [event_payload(1, usage_units="2.500000", amount=10.0)], format="json"
+        URL, fill([event_payload(1, usage_units="2.500000", amount=10.0)], filler),
+        format="json",
     )
 
     assert response.status_code == 201
-    assert response.json() == {"received": 1, "created": 0, "duplicates": 1}
+    assert response.json() == {"received": 1 + filler, "created": filler, "duplicates": 1}
+
+
+def test_a_copied_call_adds_each_event_into_its_open_record_once(api_client):
+    events = [event_payload(n, client_acct_id=f"ACCT-{n % 3}") for n in range(COPY_FROM_EVENTS)]
+    api_client.post(URL, events[:10], format="json")
+
+    response = api_client.post(URL, events, format="json")
+
+    assert response.json() == {
+        "received": COPY_FROM_EVENTS, "created": COPY_FROM_EVENTS - 10, "duplicates": 10
+    }
+    records = UsageRecord.objects.filter(status=RecordStatus.OPEN)
+    assert sum(r.event_count for r in records) == COPY_FROM_EVENTS
+    assert sum(r.usage_units for r in records) == sum(
+        e.usage_units for e in UsageEvent.objects.all()
+    )
+    assert not UsageEvent.objects.filter(record__isnull=True).exists()
 
 
 def test_one_event_id_twice_in_a_request_with_other_content_is_a_conflict(api_client):

@@ -10,7 +10,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from prometheus_client import REGISTRY
 
-from usage_sync import staging, usage_files
+from usage_sync import usage_files
 from usage_sync.models import UsageEvent
 
 pytestmark = pytest.mark.django_db
@@ -94,7 +94,7 @@ def test_a_crash_midway_stores_nothing_and_a_rerun_imports_the_whole_file(
     # Rows of 4 KB: the first ones have left psycopg's 32 KB buffer for the server by the
     # time line 15 is read.
     write_jsonl(path, [event(n, comments="x" * 3900) for n in range(20)])
-    real_validate, real_count = usage_files.validate_row, staging.count_ingested_on_commit
+    real_validate, real_count = usage_files.validate_row, usage_files.count_ingested_on_commit
 
     def crash_on_line_15(number, raw):
         if number == 15:
@@ -107,12 +107,12 @@ def test_a_crash_midway_stores_nothing_and_a_rerun_imports_the_whole_file(
     if where == "while copying":
         monkeypatch.setattr(usage_files, "validate_row", crash_on_line_15)
     else:
-        monkeypatch.setattr(staging, "count_ingested_on_commit", crash)
+        monkeypatch.setattr(usage_files, "count_ingested_on_commit", crash)
     with pytest.raises(RuntimeError):
         run(path)
     assert UsageEvent.objects.count() == 0
     monkeypatch.setattr(usage_files, "validate_row", real_validate)
-    monkeypatch.setattr(staging, "count_ingested_on_commit", real_count)
+    monkeypatch.setattr(usage_files, "count_ingested_on_commit", real_count)
 
     output = run(path)
 

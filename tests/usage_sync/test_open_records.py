@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from django.db import connections
+from django.db import connection, connections, transaction
 from django.db.models import Sum
 
 from usage_sync.aggregation import aggregate_usage
-from usage_sync.ingest import store_events, validate_events
+from usage_sync.ingest import COPY_FROM_EVENTS, store_events, validate_events
 from usage_sync.models import AggregationConfig, GroupingRule, UsageEvent, UsageRecord
 from usage_sync.reconcile import reconcile
 
@@ -34,10 +34,11 @@ def store(*raw: dict):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_parallel_clients_sending_the_same_keys_and_ids_bill_each_event_once():
+@pytest.mark.parametrize("request_size", [40, COPY_FROM_EVENTS + 50], ids=["arrays", "copied"])
+def test_parallel_clients_sending_the_same_keys_and_ids_bill_each_event_once(request_size):
     # 600 events over 4 accounts, 2 hours, priced and unpriced: few keys, all hot. Four
-    # clients each send all of them, shuffled, in requests of 40: every key and every
-    # event_id is contended, and each client re-sends what the others stored.
+    # clients each send all of them, shuffled, in requests of `request_size`: every key
+    # and every event_id is contended, and each client re-sends what the others stored.
     rng = random.Random(7)
     raw = [
         usage(f"e{n}", at(9 + n % 2, n % 60), units=f"{n % 7 + 1}.25",
@@ -50,8 +51,8 @@ def test_parallel_clients_sending_the_same_keys_and_ids_bill_each_event_once():
         mine = raw[:]
         random.Random(seed).shuffle(mine)
         try:
-            for start in range(0, len(mine), 40):
-                created.append(store(*mine[start:start + 40]).created)
+            for start in range(0, len(mine), request_size):
+                created.append(store(*mine[start:start + request_size]).created)
         except Exception as exc:
             failures.append(repr(exc))
         finally:
@@ -74,6 +75,22 @@ def test_parallel_clients_sending_the_same_keys_and_ids_bill_each_event_once():
     assert (result.events, result.records) == (600, 8)
     report = reconcile(check_aria=False)
     assert report.ok, report.problems
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("count", [1, COPY_FROM_EVENTS], ids=["arrays", "copied"])
+def test_storing_leaves_the_callers_planner_settings_as_they_were(count):
+    query = ("SELECT current_setting('enable_nestloop'), current_setting('enable_mergejoin'), "
+             "current_setting('work_mem')")
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL work_mem = '5MB'")
+        cursor.execute(query)
+        before = cursor.fetchone()
+
+        store(*(usage(f"e{n}", at(9, n % 60)) for n in range(count)))
+
+        cursor.execute(query)
+        assert cursor.fetchone() == before == ("on", "on", "5MB")
 
 
 @pytest.mark.django_db
