@@ -1,9 +1,9 @@
 """Validate raw usage events and store them once per `event_id`.
 
 The API and the file import share this module: one validator, and the rule of what makes
-a re-sent event a duplicate or a conflict (its content: events.CONTENT). Validation is hand-written rather than a DRF
-serializer per item because ingest is the hot path (tens of thousands of events a
-second); the rules are the README's (REST API).
+a re-sent event a duplicate or a conflict (its content: events.CONTENT). Validation is
+hand-written rather than a DRF serializer per item because ingest is the hot path (tens of
+thousands of events a second); the rules are the README's (REST API).
 """
 
 from __future__ import annotations
