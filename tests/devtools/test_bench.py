@@ -11,6 +11,7 @@ from tests.devtools.commands import command_database_exists, own_database_name, 
 INGEST_KEYS = {
     "benchmark", "events", "requests", "clients", "server", "seconds", "events_per_s",
     "target", "met", "latency_p50_ms", "latency_p95_ms", "rows_verified", "machine",
+    "accounts", "open_records", "events_per_record",
 }
 FILE_IMPORT_KEYS = {
     "benchmark", "events", "seconds", "events_per_s", "floor_seconds", "ratio",
@@ -65,21 +66,26 @@ def test_it_prints_a_json_line_per_run_and_drops_its_database(database_name):
     assert [(r["benchmark"], r.get("clients")) for r in results] == [
         ("ingest_api", 1),
         ("ingest_api", 2),
+        ("ingest_api", 1),
+        ("ingest_api", 2),
         ("file_import", None),
         ("aggregation", None),
         ("sync_end_to_end", None),
         ("reprocess_all", None),
         ("console_pages", None),
     ]
-    for ingest in results[:2]:
+    for ingest in results[:4]:
         assert INGEST_KEYS <= ingest.keys()
         assert ingest["events"] == ingest["rows_verified"] == 2000
-    file_import = results[2]
+        assert ingest["events_per_record"] == round(2000 / ingest["open_records"], 2)
+    # Then over a tenth of the accounts: at full size, about four events a key.
+    assert [ingest["accounts"] for ingest in results[:4]] == [2000, 2000, 200, 200]
+    file_import = results[4]
     assert FILE_IMPORT_KEYS <= file_import.keys()
     assert file_import["events"] == file_import["rows_verified"] == 2000
     assert file_import["seconds"] > 0 and file_import["floor_seconds"] > 0
     assert 0 < file_import["peak_rss_mb"] < 1000
-    aggregation = results[3]
+    aggregation = results[5]
     assert AGGREGATION_KEYS <= aggregation.keys()
     assert aggregation["events"] == 2000
     assert aggregation["units_verified"] is True

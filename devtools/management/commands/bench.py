@@ -96,9 +96,9 @@ class Command(BaseCommand):
         call_command("migrate", verbosity=0, interactive=False)
         machine = benchmarks.machine_facts()
         plan = [name for name in BENCHMARKS if only in (None, name)]
-        # One bar over the runs (each ingest client count is a run of its own), on stderr
+        # One bar over the runs (ingest runs once per client count and key density), on stderr
         # and only on a terminal: stdout stays JSON lines.
-        runs = sum(len(clients) if name == "ingest" else 1 for name in plan)
+        runs = sum(2 * len(clients) if name == "ingest" else 1 for name in plan)
         with progress("Benchmarks", total=runs, unit="run") as advance:
             try:
                 for name in plan:
