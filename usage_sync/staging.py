@@ -77,9 +77,6 @@ class EventStage:
         must roll back.
         """
         cursor = self.cursor
-        # A new table has no statistics: the planner would take a call's thousands of rows
-        # for a few and join the events to their records in a nested loop (seconds).
-        cursor.execute(f"ANALYZE {STAGE}")
         # Each event added into its open record as it is stored (grouping.py).
         created = grouping.store(f"{STAGE} i", {}, order_by=_LOCK_ORDER)
         conflicts: list[tuple[int, Conflict]] = []
