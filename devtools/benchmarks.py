@@ -94,9 +94,9 @@ REPROCESS_REQUEUE_TARGET_PER_S = 100_000
 REPROCESS_ACCOUNT_PREFIX = "REPROC-"
 # The generated usage: 2,000 accounts × 5 usage types over 24 hourly windows.
 ACCOUNTS = 2_000
-# The ingest runs again over a tenth of the accounts: about four events a key, the
-# aggregation benchmark's density, where the runs over ACCOUNTS give nearly every event a
-# key (an open record) of its own.
+# The ingest runs again over a tenth of the accounts: 24,000 keys, about eight events a key
+# over the run (the aggregation benchmark has about four), where the runs over ACCOUNTS give
+# every event a key (an open record) of its own.
 DENSE_ACCOUNTS = 200
 USAGE_TYPES = ("API_CALLS", "STORAGE_GB", "EGRESS_GB", "SEATS", "MINUTES")
 WINDOWS = 24

@@ -341,9 +341,11 @@ def _store(events: list[ValidEvent]) -> tuple[int, list[Conflict]]:
         if created == len(events):
             return created, []
         # A statement of its own, so it sees what a concurrent call committed meanwhile;
-        # its own rows match themselves.
+        # its own rows match themselves. In code point order, as a staged call lists them.
         join, flags = conflicts_sql(source)
-        cursor.execute(f"SELECT i.event_id, {flags} FROM {join} ORDER BY i.event_id", params)
+        cursor.execute(
+            f'SELECT i.event_id, {flags} FROM {join} ORDER BY i.event_id COLLATE "C"', params
+        )
         return created, [conflict(event_id, flags) for event_id, *flags in cursor.fetchall()]
 
 

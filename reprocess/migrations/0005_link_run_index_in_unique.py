@@ -3,17 +3,34 @@
 import django.db.models.deletion
 from django.db import migrations, models
 
+RUN_INDEX = "reprocess_reprocessrunrecord_run_id_aa2097dc"
+
 
 class Migration(migrations.Migration):
+    # The links table grows by a row per record a run queued. Only the index goes, and
+    # concurrently: AlterField alone would also drop and re-add the foreign key, checking
+    # every link under a lock that stalls reprocessing.
+    atomic = False
 
     dependencies = [
         ('reprocess', '0004_record_status_open'),
     ]
 
     operations = [
-        migrations.AlterField(
-            model_name='reprocessrunrecord',
-            name='run',
-            field=models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='links', to='reprocess.reprocessrun'),
+        migrations.SeparateDatabaseAndState(
+            state_operations=[
+                migrations.AlterField(
+                    model_name='reprocessrunrecord',
+                    name='run',
+                    field=models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='links', to='reprocess.reprocessrun'),
+                ),
+            ],
+            database_operations=[
+                migrations.RunSQL(
+                    f"DROP INDEX CONCURRENTLY IF EXISTS {RUN_INDEX}",
+                    reverse_sql=f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {RUN_INDEX} "
+                                "ON reprocess_reprocessrunrecord (run_id)",
+                ),
+            ],
         ),
     ]

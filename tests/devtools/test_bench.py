@@ -78,7 +78,7 @@ def test_it_prints_a_json_line_per_run_and_drops_its_database(database_name):
         assert INGEST_KEYS <= ingest.keys()
         assert ingest["events"] == ingest["rows_verified"] == 2000
         assert ingest["events_per_record"] == round(2000 / ingest["open_records"], 2)
-    # Then over a tenth of the accounts: at full size, about four events a key.
+    # Then over a tenth of the accounts: at full size, about eight events a key.
     assert [ingest["accounts"] for ingest in results[:4]] == [2000, 2000, 200, 200]
     file_import = results[4]
     assert FILE_IMPORT_KEYS <= file_import.keys()
