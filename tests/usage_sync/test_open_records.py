@@ -1,6 +1,7 @@
 """Open records: ingest adds each event into its window's open record; the money invariants
 hold under parallel ingest; a change of frequency or grouping applies from the next window."""
 
+import json
 import random
 import threading
 from datetime import UTC, datetime, timedelta
@@ -91,6 +92,33 @@ def test_storing_leaves_the_callers_planner_settings_as_they_were(count):
 
         cursor.execute(query)
         assert cursor.fetchone() == before == ("on", "on", "5MB")
+
+
+@pytest.mark.django_db
+def test_a_call_into_more_stored_events_than_it_holds_is_planned_without_nested_loops():
+    # The statistics take every event_id of a call for a stored one once the table holds
+    # more: planned from them, the call's events were joined to their records in a nested
+    # loop, quadratic in the call's size (seconds for 5,000).
+    store(*(usage(f"old{n}", at(9, n % 60), account=f"A{n % 50}") for n in range(600)))
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE usage_sync_usageevent, usage_sync_usagerecord")
+    plans = []
+
+    def explain(execute, sql, params, many, context):
+        if "keyed AS MATERIALIZED" in sql:
+            with connection.connection.cursor() as raw:
+                raw.execute("EXPLAIN (FORMAT JSON) " + sql.replace("%%", "%"), params)
+                plans.append(raw.fetchone()[0])
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(explain):
+        created = store(*(usage(f"new{n}", at(9, n % 60), account=f"A{n % 50}")
+                          for n in range(COPY_FROM_EVENTS))).created
+
+    assert created == COPY_FROM_EVENTS
+    assert len(plans) == 1
+    assert "Nested Loop" not in json.dumps(plans)
+    assert '"Index Only Scan"' in json.dumps(plans)  # NOT EXISTS probes event_unique_event_id
 
 
 @pytest.mark.django_db
