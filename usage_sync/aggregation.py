@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from django.db import OperationalError, connection, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from . import grouping, publishing
+from .deadlocks import run_again_on_deadlock
 from .models import AggregatedBatch, AggregationConfig, SyncActivity, UsageRecord
 
 logger = logging.getLogger(__name__)
@@ -75,17 +76,12 @@ def aggregate_usage(
     """
     now = now or timezone.now()
     on_step = on_step or _ignore_step
-    for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
-        try:
-            result = _aggregate_once(now=now, actor=actor, on_step=on_step)
-            break
-        except OperationalError as exc:
-            # An ingest adding into records of an ended window may deadlock with the
-            # close: PostgreSQL rolls one back. The run starts again at once rather than
-            # leaving the window to the next beat tick.
-            if getattr(exc.__cause__, "sqlstate", None) != "40P01" or attempt == DEADLOCK_ATTEMPTS:
-                raise
-            logger.warning("aggregation deadlocked with an ingest; again (attempt %d)", attempt)
+    # An ingest adding into records of an ended window may deadlock with the close: the
+    # run starts again at once rather than leaving the window to the next beat tick.
+    result = run_again_on_deadlock(
+        lambda: _aggregate_once(now=now, actor=actor, on_step=on_step),
+        attempts=DEADLOCK_ATTEMPTS, what="aggregation",
+    )
     on_step("commit")
     return result
 

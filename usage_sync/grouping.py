@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
-from django.db import OperationalError, connection, transaction
+from django.db import connection, transaction
 
+from .deadlocks import run_again_on_deadlock
 from .events import COLUMNS
 from .models import AggregationConfig, UsageEvent, UsageRecord
 
@@ -148,19 +149,18 @@ def store(source: str, params: dict, *, order_by: str = LOCK_ORDER) -> int:
     # Read, not load(): an ingest never writes the configuration row (its defaults apply).
     config = AggregationConfig.objects.filter(pk=1).first() or AggregationConfig()
     params = {**params, **rule_params(config)}
-    for attempt in range(1, ATTEMPTS + 1):
-        try:
-            try:
-                return _store(_fast_sql(source, order_by=order_by), params, fast=True)
-            except _Raced:
-                logger.info("ingest raced a concurrent one on the same event ids; storing "
-                            "them the careful way")
-                return _store(_store_sql(source, order_by=order_by), params, fast=False)
-        except OperationalError as exc:
-            if getattr(exc.__cause__, "sqlstate", None) != "40P01" or attempt == ATTEMPTS:
-                raise
-            logger.info("ingest deadlocked with a concurrent one; again (attempt %d)", attempt)
-    raise AssertionError("unreachable")
+    return run_again_on_deadlock(
+        lambda: _store_once(source, params, order_by=order_by), attempts=ATTEMPTS, what="ingest"
+    )
+
+
+def _store_once(source: str, params: dict, *, order_by: str) -> int:
+    try:
+        return _store(_fast_sql(source, order_by=order_by), params, fast=True)
+    except _Raced:
+        logger.info("ingest raced a concurrent one on the same event ids; storing them the "
+                    "careful way")
+        return _store(_store_sql(source, order_by=order_by), params, fast=False)
 
 
 # The planner cannot know how many records the upsert returns: it merge-joins a file's

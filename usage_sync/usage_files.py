@@ -15,7 +15,6 @@ import csv
 import dataclasses
 import gzip
 import json
-import logging
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -23,13 +22,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import BinaryIO
 
-from django.db import OperationalError, connection, transaction
+from django.db import connection, transaction
 
+from .deadlocks import run_again_on_deadlock
 from .events import Conflict
 from .ingest import KNOWN_FIELDS, FieldError, count_ingested_on_commit, validate_row
 from .staging import EventStage
-
-logger = logging.getLogger(__name__)
 
 FORMATS = ("csv", "jsonl")
 # How many times an import that deadlocked with a concurrent ingest runs again.
@@ -320,20 +318,13 @@ def import_usage_file(
     event_id with other content (`max_errors` bounds how many of either are kept); either
     way nothing of the file is stored.
     """
-    attempt = 1
-    while True:
-        try:
-            return _import(usage_file, max_errors=max_errors, progress=progress)
-        except OperationalError as exc:
-            # The stage goes in in event_id order, as the API's events do, but another
-            # writer taking the same ids in another order (an older client, a script) can
-            # still deadlock with it. PostgreSQL rolls one back; it can simply run again.
-            deadlock = getattr(exc.__cause__, "sqlstate", None) == "40P01"
-            if not deadlock or attempt == DEADLOCK_ATTEMPTS:
-                raise
-            attempt += 1
-            logger.warning("the import deadlocked with another ingest of the same event "
-                           "ids; importing again (attempt %d)", attempt)
+    # The stage goes in in event_id order, as the API's events do, but another writer
+    # taking the same ids in another order (an older client, a script) can still deadlock
+    # with it.
+    return run_again_on_deadlock(
+        lambda: _import(usage_file, max_errors=max_errors, progress=progress),
+        attempts=DEADLOCK_ATTEMPTS, what="the import",
+    )
 
 
 def _import(usage_file: UsageFile, *, max_errors: int, progress: Progress | None) -> ImportResult:
