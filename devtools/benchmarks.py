@@ -268,23 +268,6 @@ def bench_ingest_api(
             for clients in client_counts:
                 on_phase(f"{accounts:,} accounts, posting with {clients} "
                          f"client{'s' if clients > 1 else ''}")
-                _truncate(UsageEvent, UsageRecord)
-                started = time.perf_counter()
-                latencies, created = _post_concurrently(
-                    url, token=token, bodies=bodies, clients=clients
-                )
-                seconds = time.perf_counter() - started
-                stored = UsageEvent.objects.count()
-                if created != events or stored != events:
-                    raise BenchmarkError(
-                        f"sent {events} events, the API created {created}, the table has "
-                        f"{stored}"
-                    )
-                records = UsageRecord.objects.count()
-                rate = events / seconds
-                target = INGEST_TARGETS_EVENTS_PER_S.get(clients)
-                logger.info("ingest: %d clients, %d workers, %d accounts: %.0f events/s into "
-                            "%d open records", clients, workers, accounts, rate, records)
                 yield {
                     "benchmark": "ingest_api",
                     "events": events,
@@ -292,17 +275,40 @@ def bench_ingest_api(
                     "request_size": request_size,
                     "clients": clients,
                     "accounts": accounts,
-                    "open_records": records,
-                    "events_per_record": round(events / records, 2),
                     "server": f"gunicorn sync, {workers} workers",
-                    "seconds": round(seconds, 3),
-                    "events_per_s": round(rate),
-                    "target": target,
-                    "met": rate >= target if target else None,
-                    "latency_p50_ms": round(_percentile(latencies, 50) * 1000, 1),
-                    "latency_p95_ms": round(_percentile(latencies, 95) * 1000, 1),
-                    "rows_verified": stored,
+                    **_ingest_run(url, token=token, bodies=bodies, clients=clients,
+                                  events=events),
                 }
+
+
+def _ingest_run(url: str, *, token: str, bodies: list[bytes], clients: int,
+                events: int) -> dict:
+    """Post the bodies from empty event and record tables; the run's figures, verified."""
+    _truncate(UsageEvent, UsageRecord)
+    started = time.perf_counter()
+    latencies, created = _post_concurrently(url, token=token, bodies=bodies, clients=clients)
+    seconds = time.perf_counter() - started
+    stored = UsageEvent.objects.count()
+    if created != events or stored != events:
+        raise BenchmarkError(
+            f"sent {events} events, the API created {created}, the table has {stored}"
+        )
+    records = UsageRecord.objects.count()
+    rate = events / seconds
+    target = INGEST_TARGETS_EVENTS_PER_S.get(clients)
+    logger.info("ingest: %d clients: %.0f events/s into %d open records", clients, rate,
+                records)
+    return {
+        "open_records": records,
+        "events_per_record": round(events / records, 2),
+        "seconds": round(seconds, 3),
+        "events_per_s": round(rate),
+        "target": target,
+        "met": rate >= target if target else None,
+        "latency_p50_ms": round(_percentile(latencies, 50) * 1000, 1),
+        "latency_p95_ms": round(_percentile(latencies, 95) * 1000, 1),
+        "rows_verified": stored,
+    }
 
 
 def _ingest_bodies(*, events: int, request_size: int, accounts: int = ACCOUNTS) -> list[bytes]:
